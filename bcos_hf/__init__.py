@@ -1,0 +1,55 @@
+"""bcos_hf: turn pretrained Hugging Face vision models into B-cos models, on the transformers Auto classes.
+
+``import bcos_hf`` registers the B-cos config and model classes with ``AutoConfig``, ``AutoModel`` and
+``AutoModelForImageClassification``, so ``from_pretrained`` on a converted folder returns bcos_hf classes.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .modeling.adapters import ADAPTERS, get_adapter
+from .modeling.bcos_layers import (
+    BcosConv2d,
+    BcosGroupNorm,
+    BcosLayerNorm,
+    BcosLinear,
+    DetachableActivation,
+    DetachableLinear,
+    LogitLayer,
+    UncentredBatchNorm2d,
+    explanation_mode,
+)
+from .modeling.configuration_bcos import BcosConfig
+from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
+from .modeling.rewriting import ArchitectureAdapter, UnsupportedModelError
+
+try:
+    __version__ = version("bcos-hf")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+AutoConfig.register(BcosConfig.model_type, BcosConfig, exist_ok=True)
+AutoModel.register(BcosConfig, BcosModel, exist_ok=True)
+AutoModelForImageClassification.register(BcosConfig, BcosForImageClassification, exist_ok=True)
+
+__all__ = [
+    "ADAPTERS",
+    "ArchitectureAdapter",
+    "BcosConfig",
+    "BcosConv2d",
+    "BcosForImageClassification",
+    "BcosGroupNorm",
+    "BcosLayerNorm",
+    "BcosLinear",
+    "BcosModel",
+    "BcosPreTrainedModel",
+    "DetachableActivation",
+    "DetachableLinear",
+    "LogitLayer",
+    "UncentredBatchNorm2d",
+    "UnsupportedModelError",
+    "__version__",
+    "explanation_mode",
+    "get_adapter",
+]

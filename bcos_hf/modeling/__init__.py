@@ -1,0 +1,1 @@
+"""The remote-loadable model code: one flat folder, single-dot imports, copied next to every saved model."""

@@ -1,0 +1,16 @@
+"""The registry of supported architectures: one adapter per transformers model type, registered here."""
+
+from .adapter_vit import VIT_ADAPTER
+from .rewriting import ArchitectureAdapter, UnsupportedModelError
+
+ADAPTERS: dict[str, ArchitectureAdapter] = {adapter.model_type: adapter for adapter in (VIT_ADAPTER,)}
+
+
+def get_adapter(model_type: str) -> ArchitectureAdapter:
+    """The adapter for ``model_type``, or an error listing the supported families."""
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"bcos_hf cannot convert model_type {model_type!r}. Supported: {', '.join(sorted(ADAPTERS))}."
+        ) from None

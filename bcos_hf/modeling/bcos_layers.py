@@ -1,0 +1,454 @@
+"""B-cos building blocks: every layer a converted model is made of, and the switch into explanation mode.
+
+A B-cos network computes ``y = W(x) x``: each layer is linear in its input with weights that depend on the
+input through a few *dynamic* factors (the B-cos scale, normalisation divisors, activation gates, attention
+scores). In *explanation mode* those factors are detached from the autograd graph, so that the gradient of a
+logit with respect to the input is exactly ``W(x)`` (see ``shared/reference/bcos.md`` §1).
+
+All layers subclass the torch modules they replace, keep their parameter names, and are built without
+allocating memory (``from_module`` takes over the original parameters), so conversion is cheap and state
+dicts keep the original layout.
+
+This file is part of the remote-loadable model code: it imports only torch and siblings, with single dots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-6
+"""Added to the squared input norm before the square root: a black patch keeps a finite scale."""
+
+SCALE_EPS = 1e-6
+"""Added to ``|cos|`` before raising it to ``B - 1`` for B != 2, as the reference implementation does."""
+
+
+class ExplainableMixin:
+    """Marks a module with input-dependent factors that explanation mode detaches.
+
+    ``explaining`` is a plain attribute (not a buffer): it is never saved, and ``torch.compile`` guards on it.
+    """
+
+    explaining: bool = False
+
+
+def bcos_scale(out: torch.Tensor, norm_sq: torch.Tensor, b: float, detach_scale: bool) -> torch.Tensor:
+    """Apply the B-cos factor ``|cos|^(B-1)`` to a linear output.
+
+    ``out`` is ``w^T x`` (raw or unit-norm weights), ``norm_sq`` is ``||x||^2`` broadcastable to ``out``.
+    The squares, the norm and the scale are computed in float32 whatever the autocast dtype, because they
+    overflow in fp16 and lose the small cosines in bf16; the result is returned in ``out``'s dtype.
+    """
+    out32 = out.float()
+    norm = (norm_sq.float() + NORM_EPS).sqrt()
+    if b == 2:
+        scale = out32.abs() / norm
+    else:
+        scale = (out32.abs() / norm + SCALE_EPS).pow(b - 1)
+    if detach_scale:
+        scale = scale.detach()
+    return (out32 * scale).to(out.dtype)
+
+
+def _validate_b(b: float) -> float:
+    b = float(b)
+    if not b >= 1:
+        raise ValueError(f"B must be a number >= 1 (1 is a plain linear layer, 2 the usual B-cos choice); got {b}.")
+    return b
+
+
+class BcosLinear(nn.Linear, ExplainableMixin):
+    """Linear layer with the B-cos transform ``|cos(x, w)|^(B-1) * w^T x``.
+
+    With ``normalize_weights=False`` (the B-cosification default) the pretrained weights are used raw: the
+    output is then ``||w||^B`` times the unit-norm B-cos output, a per-unit constant later layers absorb.
+    At ``b=1`` with a bias the layer is exactly ``nn.Linear``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        b: float = 2.0,
+        normalize_weights: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.b = _validate_b(b)
+        self.normalize_weights = normalize_weights
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, b: float, keep_bias: bool, normalize_weights: bool = False) -> BcosLinear:
+        """Wrap an existing linear layer, sharing its parameters (no copy, no allocation)."""
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, bias=False, b=b, normalize_weights=normalize_weights)
+        layer.weight = linear.weight
+        layer.bias = linear.bias if keep_bias else None
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.normalize_weights:
+            weight = weight / weight.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(weight.dtype)
+        out = F.linear(x, weight, self.bias)
+        if self.b == 1:
+            return out
+        norm_sq = x.float().square().sum(dim=-1, keepdim=True)
+        return bcos_scale(out, norm_sq, self.b, self.explaining)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, b={self.b:g}, normalize_weights={self.normalize_weights}"
+
+
+class BcosConv2d(nn.Conv2d, ExplainableMixin):
+    """2D convolution with the B-cos transform, per output position and per group.
+
+    The input norm of each receptive field is the square root of the sum of squares over the kernel window
+    and the input channels of the group, computed as a convolution of the per-group sum of squares with a
+    kernel of ones (same stride, padding and dilation), so grouped and depthwise convolutions are exact.
+    Only zero padding is supported: it keeps padded positions out of both the output and the norm.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        b: float = 2.0,
+        normalize_weights: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
+        self.b = _validate_b(b)
+        self.normalize_weights = normalize_weights
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d, b: float, keep_bias: bool, normalize_weights: bool = False) -> BcosConv2d:
+        """Wrap an existing convolution, sharing its parameters (no copy, no allocation)."""
+        if conv.padding_mode != "zeros":
+            raise NotImplementedError(
+                f"B-cos convolutions support zero padding only; got padding_mode={conv.padding_mode!r}."
+            )
+        with torch.device("meta"):
+            layer = cls(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                groups=conv.groups,
+                bias=False,
+                b=b,
+                normalize_weights=normalize_weights,
+            )
+        layer.weight = conv.weight
+        layer.bias = conv.bias if keep_bias else None
+        return layer
+
+    def _window_norm_sq(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of squares of each receptive field, per group: shape (N, groups, H_out, W_out), float32."""
+        squares = x.float().square()
+        squares = squares.unflatten(1, (self.groups, -1)).sum(dim=2)
+        ones = torch.ones((self.groups, 1, *self.kernel_size), device=x.device, dtype=torch.float32)
+        return F.conv2d(squares, ones, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.normalize_weights:
+            unit = weight.float().flatten(1).norm(dim=1).clamp_min(1e-12).to(weight.dtype)
+            weight = weight / unit[:, None, None, None]
+        out = self._conv_forward(x, weight, self.bias)
+        if self.b == 1:
+            return out
+        norm_sq = self._window_norm_sq(x)
+        if self.groups == 1:
+            return bcos_scale(out, norm_sq, self.b, self.explaining)
+        grouped = bcos_scale(out.unflatten(1, (self.groups, -1)), norm_sq.unsqueeze(2), self.b, self.explaining)
+        return grouped.flatten(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, b={self.b:g}, normalize_weights={self.normalize_weights}"
+
+
+class DetachableLinear(nn.Linear, ExplainableMixin):
+    """A plain linear layer whose output is detached in explanation mode.
+
+    Used for attention queries and keys: softmax(q k^T) then acts as an input-dependent weight on the
+    values, which keeps attention dynamic linear. Detaching at the projection works with every attention
+    kernel (eager, SDPA, flash, flex) without registering anything. Its bias only shapes the attention
+    pattern, never the output, so it is kept.
+    """
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear) -> DetachableLinear:
+        with torch.device("meta"):
+            layer = cls(linear.in_features, linear.out_features, bias=False)
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out.detach() if self.explaining else out
+
+
+class BcosLayerNorm(nn.LayerNorm, ExplainableMixin):
+    """LayerNorm whose variance is detached in explanation mode (the mean subtraction is linear and stays).
+
+    ``channels_first`` normalises dim 1 of an (N, C, H, W) tensor, as ConvNeXt's stem and downsampling do.
+    """
+
+    def __init__(self, *args, channels_first: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.channels_first = channels_first
+
+    @classmethod
+    def from_module(cls, norm: nn.LayerNorm, keep_bias: bool, channels_first: bool = False) -> BcosLayerNorm:
+        with torch.device("meta"):
+            layer = cls(
+                norm.normalized_shape,
+                eps=norm.eps,
+                elementwise_affine=norm.elementwise_affine,
+                bias=False,
+                channels_first=channels_first,
+            )
+        layer.weight = norm.weight
+        layer.bias = norm.bias if keep_bias else None
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            x = x.permute(0, 2, 3, 1)
+        if self.explaining:
+            dims = tuple(range(-len(self.normalized_shape), 0))
+            x32 = x.float()
+            centred = x32 - x32.mean(dim=dims, keepdim=True)
+            std = (centred.square().mean(dim=dims, keepdim=True) + self.eps).sqrt()
+            out = centred / std.detach()
+            if self.weight is not None:
+                out = out * self.weight
+            if self.bias is not None:
+                out = out + self.bias
+            out = out.to(x.dtype)
+        else:
+            out = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return out.permute(0, 3, 1, 2) if self.channels_first else out
+
+
+class BcosGroupNorm(nn.GroupNorm, ExplainableMixin):
+    """GroupNorm whose variance is detached in explanation mode."""
+
+    @classmethod
+    def from_module(cls, norm: nn.GroupNorm, keep_bias: bool) -> BcosGroupNorm:
+        with torch.device("meta"):
+            layer = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine)
+        layer.weight = norm.weight
+        layer.bias = norm.bias if keep_bias else None
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.explaining:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        grouped = x.float().unflatten(1, (self.num_groups, -1))
+        dims = tuple(range(2, grouped.ndim))
+        centred = grouped - grouped.mean(dim=dims, keepdim=True)
+        std = (centred.square().mean(dim=dims, keepdim=True) + self.eps).sqrt()
+        out = (centred / std.detach()).flatten(1, 2)
+        affine_shape = (1, -1) + (1,) * (x.ndim - 2)
+        if self.weight is not None:
+            out = out * self.weight.view(affine_shape)
+        if self.bias is not None:
+            out = out + self.bias.view(affine_shape)
+        return out.to(x.dtype)
+
+
+class UncentredBatchNorm2d(nn.Module, ExplainableMixin):
+    """BatchNorm that divides by the standard deviation without subtracting the mean.
+
+    Subtracting a batch mean is not a function of one image alone, and a running mean is a constant offset;
+    both break dynamic linearity. At conversion the running mean is folded into the bias,
+    ``beta' = beta - gamma * mu / sqrt(var + eps)``, which is exact in eval mode. In training mode the
+    divisor is the batch standard deviation and the running variance is updated as BatchNorm does.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(num_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_features, **factory)) if bias else None
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_module(cls, norm: nn.BatchNorm2d, keep_bias: bool) -> UncentredBatchNorm2d:
+        """Take over a BatchNorm2d, folding its running mean into the bias."""
+        if not (norm.affine and norm.track_running_stats):
+            raise NotImplementedError(
+                "Only affine BatchNorm2d with running statistics can be made uncentred "
+                f"(got affine={norm.affine}, track_running_stats={norm.track_running_stats})."
+            )
+        with torch.device("meta"):
+            layer = cls(norm.num_features, eps=norm.eps, momentum=norm.momentum, bias=False)
+        layer.weight = norm.weight
+        layer.running_var = norm.running_var
+        layer.num_batches_tracked = norm.num_batches_tracked
+        if keep_bias:
+            with torch.no_grad():
+                folded = norm.bias - norm.weight * norm.running_mean / (norm.running_var + norm.eps).sqrt()
+            layer.bias = nn.Parameter(folded, requires_grad=norm.bias.requires_grad)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var = x.float().var(dim=(0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                n = x.numel() / x.shape[1]
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)) * momentum)
+                self.num_batches_tracked.add_(1)
+        else:
+            var = self.running_var.float()
+        inv_std = (var + self.eps).rsqrt()
+        if self.explaining:
+            inv_std = inv_std.detach()
+        scale = (self.weight.float() * inv_std).to(x.dtype)
+        out = x * scale[None, :, None, None]
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)[None, :, None, None]
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, bias={self.bias is not None}"
+
+
+def _gelu_gate(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_tanh_gate(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _ratio_gate(fn):
+    """Gate ``fn(x) / x`` for activations through the origin, with its limit ``fn'(0)`` at 0."""
+
+    def gate(x: torch.Tensor) -> torch.Tensor:
+        safe = torch.where(x == 0, torch.ones_like(x), x)
+        return torch.where(x == 0, torch.ones_like(x), fn(safe) / safe)
+
+    return gate
+
+
+ACTIVATION_GATES = {
+    "gelu": _gelu_gate,
+    "gelu_tanh": _gelu_tanh_gate,
+    "quick_gelu": lambda x: torch.sigmoid(1.702 * x),
+    "silu": torch.sigmoid,
+    "relu": lambda x: (x > 0).to(x.dtype),
+    "relu6": lambda x: torch.where(x > 0, F.relu6(x) / x.clamp_min(1e-12), torch.zeros_like(x)),
+    "tanh": _ratio_gate(torch.tanh),
+}
+"""Each supported activation written as ``x * gate(x)``: in explanation mode the gate is detached."""
+
+
+class DetachableActivation(nn.Module, ExplainableMixin):
+    """Wraps an activation ``f(x) = x * gate(x)``; explanation mode detaches the gate.
+
+    Outside explanation mode the original activation module runs unchanged, so equivalence is exact.
+    """
+
+    def __init__(self, activation: nn.Module, gate: str) -> None:
+        super().__init__()
+        if gate not in ACTIVATION_GATES:
+            raise ValueError(f"Unknown activation gate {gate!r}; known: {sorted(ACTIVATION_GATES)}.")
+        self.activation = activation
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.explaining:
+            return self.activation(x)
+        return x * ACTIVATION_GATES[self.gate](x).detach()
+
+    def extra_repr(self) -> str:
+        return f"gate={self.gate!r}"
+
+
+class LogitLayer(nn.Module):
+    """Final affine map of the logits: ``logits / temperature + logit_bias``.
+
+    The B-cosification recipe uses ``logit_bias = -log(C - 1)`` so that an untrained model starts at
+    sigmoid(logit) = 1/C for every class under the BCE loss; both values come from the config, not weights.
+    """
+
+    def __init__(self, logit_bias: float = 0.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"logit_temperature must be positive; got {temperature}.")
+        self.logit_bias = float(logit_bias)
+        self.temperature = float(temperature)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return logits + self.logit_bias if self.logit_bias else logits
+
+    def extra_repr(self) -> str:
+        return f"logit_bias={self.logit_bias:g}, temperature={self.temperature:g}"
+
+
+@contextmanager
+def explanation_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Put every B-cos module of ``model`` in explanation mode (or out of it) and restore the previous state.
+
+    Inside, the gradient of an output with respect to the input is the dynamic linear map ``W(x)``::
+
+        with explanation_mode(model):
+            pixel_values.requires_grad_(True)
+            model(pixel_values).logits[0, c].backward()
+    """
+    modules = [module for module in model.modules() if isinstance(module, ExplainableMixin)]
+    previous = [module.explaining for module in modules]
+    for module in modules:
+        module.explaining = enabled
+    try:
+        yield model
+    finally:
+        for module, state in zip(modules, previous):
+            module.explaining = state

@@ -1,0 +1,193 @@
+"""B-cos models on the transformers Auto classes: ``BcosModel`` and ``BcosForImageClassification``.
+
+A B-cos model holds its source architecture (``self.network``: a ``ViTForImageClassification``, a
+``ConvNextModel``, ...) rebuilt from ``config.source_config`` and rewritten layer by layer by the
+architecture's adapter. The same rewriting runs at conversion and at every load, so a saved model reloads
+bit-exactly, and a folder saved by bcos_hf carries this file and its siblings so that it also loads with
+``trust_remote_code=True`` where bcos_hf is not installed.
+
+Part of the remote-loadable model code: imports only torch, transformers and siblings, with single dots.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import ClassVar
+
+import torch
+import transformers
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils.generic import can_return_tuple
+
+from .adapters import get_adapter
+from .bcos_layers import LogitLayer, explanation_mode
+from .configuration_bcos import BcosConfig
+from .rewriting import RewriteOptions, bcosify
+
+PIXEL_RANGE_TOLERANCE = 1e-3
+"""Slack on the [0, 1] input range, for resampling filters that overshoot by a rounding error."""
+
+
+def check_pixel_values(pixel_values: torch.Tensor | None) -> None:
+    """Raise a ValueError that says how to fix it when ``pixel_values`` break the B-cos input contract.
+
+    Expected: a float tensor (batch, 3 or 6, height, width) with values in [0, 1]: RGB images scaled to
+    [0, 1] *without* mean/std normalisation (it is folded into the first layer), or their ``[x, 1 - x]``
+    encoding. Shape checks are static; the value check is one min/max reduction, skipped while
+    ``torch.compile`` traces so that it never breaks a graph.
+    """
+    if pixel_values is None:
+        raise ValueError("pixel_values is required: a float tensor (batch, 3, height, width) with values in [0, 1].")
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor; got {type(pixel_values).__name__}.")
+    if pixel_values.ndim != 4:
+        hint = " For a single image add a batch dimension: pixel_values[None]." if pixel_values.ndim == 3 else ""
+        raise ValueError(
+            f"pixel_values must have 4 dimensions (batch, channels, height, width); got shape "
+            f"{tuple(pixel_values.shape)}.{hint}"
+        )
+    channels = pixel_values.shape[1]
+    if channels not in (3, 6):
+        hint = (
+            " The images look channels-last: use pixel_values.permute(0, 3, 1, 2)."
+            if pixel_values.shape[-1] in (3, 6)
+            else " Convert grey or RGBA images to RGB first (PIL: image.convert('RGB'))."
+        )
+        raise ValueError(
+            f"pixel_values must have 3 channels (RGB in [0, 1]; the model encodes [x, 1 - x] itself) or 6 "
+            f"(already encoded); got {channels} channels in shape {tuple(pixel_values.shape)}.{hint}"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be a floating-point tensor with values in [0, 1]; got dtype {pixel_values.dtype}. "
+            "Scale uint8 images with pixel_values.float() / 255, or use the model's image processor."
+        )
+    if torch.compiler.is_compiling():
+        return
+    low, high = (value.item() for value in torch.aminmax(pixel_values.detach()))
+    if low >= -PIXEL_RANGE_TOLERANCE and high <= 1 + PIXEL_RANGE_TOLERANCE:
+        return
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values contain NaN or Inf; check the image loading and preprocessing.")
+    raise ValueError(
+        f"pixel_values must lie in [0, 1]; got values from {low:.3g} to {high:.3g}. B-cos models take images "
+        "scaled to [0, 1] without mean/std normalisation (it is folded into the first layer). Use the image "
+        "processor saved with the model (AutoImageProcessor.from_pretrained(<model folder>)), or undo the "
+        "normalisation: pixel_values * std + mean."
+    )
+
+
+def build_network(config: BcosConfig, task: str) -> PreTrainedModel:
+    """Build the source architecture from ``config.source_config`` and rewrite it the way the converter did."""
+    adapter = get_adapter(config.source_config.model_type)
+    network_class = getattr(transformers, adapter.model_classes[task])
+    network = network_class(config.source_config)
+    options = RewriteOptions(
+        b=config.b, keep_bias=config.keep_bias, normalize_weights=config.normalize_weights, adapter=adapter
+    )
+    return bcosify(network, adapter, options)
+
+
+class BcosPreTrainedModel(PreTrainedModel):
+    """Shared plumbing of B-cos models: the rewritten source network, the input contract and explanation mode."""
+
+    config: BcosConfig
+    config_class = BcosConfig
+    base_model_prefix = "bcos"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    task: ClassVar[str]
+    """The key of the adapter's ``model_classes`` this model wraps."""
+
+    def __init__(self, config: BcosConfig, network: PreTrainedModel | None = None) -> None:
+        """``network`` is given by the converter (an already rewritten source model); loading builds it."""
+        super().__init__(config)
+        # The config setter hands attention choices down to sub-configs, except at init: do it here, so the
+        # source network dispatches to the attention kernel that was checked for this model.
+        config.source_config._attn_implementation_internal = config._attn_implementation
+        if network is None:
+            network = build_network(config, self.task)
+        else:
+            for module in network.modules():
+                module._is_hf_initialized = True  # converted weights: post_init must not re-initialise them
+        self.network = network
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing to do: the network's modules are initialised by the source architecture's own rules."""
+
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Check the input contract and return the 6-channel ``[x, 1 - x]`` encoding in the model's dtype."""
+        check_pixel_values(pixel_values)
+        pixel_values = pixel_values.to(self.dtype)
+        if pixel_values.shape[1] == 3:
+            pixel_values = torch.cat([pixel_values, 1 - pixel_values], dim=1)
+        return pixel_values
+
+    def explanation_mode(self, enabled: bool = True) -> AbstractContextManager[nn.Module]:
+        """Context manager: inside it, the input gradient of an output is the dynamic linear map W(x)."""
+        return explanation_mode(self, enabled)
+
+
+class BcosModel(BcosPreTrainedModel):
+    """A B-cos backbone (from ``ViTModel``, ``ConvNextModel``, ...): returns the source model's outputs."""
+
+    task = "base"
+
+    def __init__(self, config: BcosConfig, network: PreTrainedModel | None = None) -> None:
+        super().__init__(config, network)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor | None = None, **kwargs):
+        r"""
+        pixel_values (`torch.Tensor` of shape `(batch, 3 or 6, height, width)`):
+            Images in [0, 1] without mean/std normalisation, or their `[x, 1 - x]` encoding.
+        kwargs: passed to the source model (e.g. `output_hidden_states`, `interpolate_pos_encoding`).
+        """
+        return self.network(pixel_values=self.encode_pixels(pixel_values), **kwargs)
+
+
+class BcosForImageClassification(BcosPreTrainedModel):
+    """A B-cos image classifier: the source classifier's logits through the logit layer."""
+
+    task = "image-classification"
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: BcosConfig, network: PreTrainedModel | None = None) -> None:
+        super().__init__(config, network)
+        self.logit_layer = LogitLayer(config.logit_bias, config.logit_temperature)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs
+    ) -> ImageClassifierOutput:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(batch, 3 or 6, height, width)`):
+            Images in [0, 1] without mean/std normalisation, or their `[x, 1 - x]` encoding.
+        labels (`torch.LongTensor` of shape `(batch,)`, *optional*):
+            Class indices for the classification loss (cross-entropy, or as `config.problem_type` says).
+        kwargs: passed to the source model (e.g. `output_hidden_states`, `interpolate_pos_encoding`).
+        """
+        outputs = self.network(pixel_values=self.encode_pixels(pixel_values), **kwargs)
+        logits = self.logit_layer(outputs.logits)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        return ImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+
+BcosConfig.register_for_auto_class()
+BcosModel.register_for_auto_class("AutoModel")
+BcosForImageClassification.register_for_auto_class("AutoModelForImageClassification")
