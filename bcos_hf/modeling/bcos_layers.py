@@ -47,10 +47,7 @@ def bcos_scale(out: torch.Tensor, norm_sq: torch.Tensor, b: float, detach_scale:
     """
     out32 = out.float()
     norm = (norm_sq.float() + NORM_EPS).sqrt()
-    if b == 2:
-        scale = out32.abs() / norm
-    else:
-        scale = (out32.abs() / norm + SCALE_EPS).pow(b - 1)
+    scale = out32.abs() / norm if b == 2 else (out32.abs() / norm + SCALE_EPS).pow(b - 1)
     if detach_scale:
         scale = scale.detach()
     return (out32 * scale).to(out.dtype)
@@ -450,5 +447,5 @@ def explanation_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modu
     try:
         yield model
     finally:
-        for module, state in zip(modules, previous):
+        for module, state in zip(modules, previous, strict=True):
             module.explaining = state
