@@ -13,59 +13,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-import torch
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
 
 import bcos_hf  # noqa: F401
 
-IMAGE_MEAN = [0.485, 0.456, 0.406]
-IMAGE_STD = [0.229, 0.224, 0.225]
-
-
-def tiny_vit_config(**overrides) -> ViTConfig:
-    settings = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-    )
-    settings.update(overrides)
-    return ViTConfig(**settings)
-
-
-def save_source(model, folder: Path, image_size: int, mean=IMAGE_MEAN, std=IMAGE_STD) -> Path:
-    """Save a source model with a ViT-style image processor (resize to image_size, ImageNet normalisation)."""
-    model.save_pretrained(folder)
-    ViTImageProcessorPil(
-        size={"height": image_size, "width": image_size}, image_mean=mean, image_std=std
-    ).save_pretrained(folder)
-    return folder
+from .families import save_family
 
 
 @pytest.fixture
 def tiny_vit_dir(tmp_path) -> Path:
-    """A saved tiny ViTForImageClassification with randomised biases and layer norms (3 labels, 32 px)."""
-    torch.manual_seed(0)
-    model = randomise(ViTForImageClassification(tiny_vit_config(id2label={0: "cat", 1: "dog", 2: "car"})))
-    return save_source(model, tmp_path / "tiny-vit", 32)
+    """A saved tiny ViTForImageClassification (labels cat, dog, car; 32 px) with its image processor."""
+    return save_family("vit", tmp_path / "tiny-vit")[1]
 
 
 @pytest.fixture
 def tiny_vit_model_dir(tmp_path) -> Path:
-    """A saved tiny ViTModel backbone (with its pooler)."""
-    torch.manual_seed(0)
-    return save_source(randomise(ViTModel(tiny_vit_config())), tmp_path / "tiny-vit-backbone", 32)
-
-
-def randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Give every parameter random values, so biases, norms and embeddings all matter in comparisons."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.2)
-    return model.eval()
+    """A saved tiny ViTModel backbone (with its pooler) and its image processor."""
+    return save_family("vit-backbone", tmp_path / "tiny-vit-backbone")[1]
 
 
 def run_without_bcos_hf(code: str, hf_home: Path, timeout: int = 240) -> subprocess.CompletedProcess:
