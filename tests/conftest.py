@@ -34,6 +34,7 @@ def tiny_vit_model_dir(tmp_path) -> Path:
 def run_without_bcos_hf(code: str, hf_home: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh Python where ``import bcos_hf`` fails, with its own HF_HOME (remote-code cache)."""
     script = "import sys\nsys.modules['bcos_hf'] = None  # bcos_hf is not importable here\n" + textwrap.dedent(code)
+    hf_home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout, cwd=hf_home
