@@ -10,7 +10,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ConvNextImageProcessorPil,
+    ConvNextModel,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    MobileNetV2ImageProcessorPil,
+    MobileNetV2Model,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ResNetModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+    ViTModel,
+)
 
 IMAGE_MEAN = [0.485, 0.456, 0.406]
 IMAGE_STD = [0.229, 0.224, 0.225]
@@ -57,9 +73,103 @@ def vit_backbone(**overrides):
     return randomise(ViTModel(config)), vit_processor(config.image_size)
 
 
+def randomise_running_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial running statistics, so that folding the running mean matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.2)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return model
+
+
+TINY_LABELS = {0: "cat", 1: "dog", 2: "car"}
+
+
+def tiny_convnext_config(**overrides) -> ConvNextConfig:
+    settings = dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], image_size=32, id2label=TINY_LABELS)
+    settings.update(overrides)
+    return ConvNextConfig(**settings)
+
+
+def convnext_processor(image_size: int) -> ConvNextImageProcessorPil:
+    """ConvNeXt's own processor (resize to size / crop_pct, centre crop), with ImageNet statistics."""
+    return ConvNextImageProcessorPil(size={"shortest_edge": image_size}, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+
+
+def convnext_classifier(**overrides):
+    config = tiny_convnext_config(**overrides)
+    return randomise(ConvNextForImageClassification(config)), convnext_processor(config.image_size)
+
+
+def convnext_backbone(**overrides):
+    config = tiny_convnext_config(**overrides)
+    return randomise(ConvNextModel(config)), convnext_processor(config.image_size)
+
+
+def tiny_resnet_config(**overrides) -> ResNetConfig:
+    settings = dict(
+        embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 2, 1, 1], layer_type="basic", id2label=TINY_LABELS
+    )
+    settings.update(overrides)
+    return ResNetConfig(**settings)
+
+
+def resnet_classifier(**overrides):
+    """ResNet checkpoints on the Hub use ConvNeXt's image processor; the config has no image size (224 px)."""
+    model = randomise_running_statistics(randomise(ResNetForImageClassification(tiny_resnet_config(**overrides))))
+    return model, convnext_processor(32)
+
+
+def resnet_backbone(**overrides):
+    model = randomise_running_statistics(randomise(ResNetModel(tiny_resnet_config(**overrides))))
+    return model, convnext_processor(32)
+
+
+def tiny_mobilenet_v2_config(**overrides) -> MobileNetV2Config:
+    settings = dict(
+        depth_multiplier=0.25,
+        finegrained_output=False,
+        image_size=32,
+        classifier_dropout_prob=0.1,
+        id2label=TINY_LABELS,
+    )
+    settings.update(overrides)
+    return MobileNetV2Config(**settings)
+
+
+def mobilenet_v2_processor(image_size: int) -> MobileNetV2ImageProcessorPil:
+    """MobileNetV2's own processor: resize the short side, centre crop, ImageNet statistics."""
+    return MobileNetV2ImageProcessorPil(
+        size={"shortest_edge": image_size + 8},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+    )
+
+
+def mobilenet_v2_classifier(**overrides):
+    config = tiny_mobilenet_v2_config(**overrides)
+    model = randomise_running_statistics(randomise(MobileNetV2ForImageClassification(config)))
+    return model, mobilenet_v2_processor(config.image_size)
+
+
+def mobilenet_v2_backbone(**overrides):
+    config = tiny_mobilenet_v2_config(**overrides)
+    model = randomise_running_statistics(randomise(MobileNetV2Model(config)))
+    return model, mobilenet_v2_processor(config.image_size)
+
+
 FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, object]]] = {
     "vit": vit_classifier,
     "vit-backbone": vit_backbone,
+    "convnext": convnext_classifier,
+    "convnext-backbone": convnext_backbone,
+    "resnet": resnet_classifier,
+    "resnet-backbone": resnet_backbone,
+    "mobilenet_v2": mobilenet_v2_classifier,
+    "mobilenet_v2-backbone": mobilenet_v2_backbone,
 }
 """Family name -> builder of a tiny source model and its processor (classification heads and backbones)."""
 

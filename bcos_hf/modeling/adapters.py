@@ -1,9 +1,20 @@
 """The registry of supported architectures: one adapter per transformers model type, registered here."""
 
+from .adapter_convnext import CONVNEXT_ADAPTER
+from .adapter_mobilenet_v2 import MOBILENET_V2_ADAPTER
+from .adapter_resnet import RESNET_ADAPTER
 from .adapter_vit import VIT_ADAPTER
 from .rewriting import ArchitectureAdapter, UnsupportedModelError
 
-ADAPTERS: dict[str, ArchitectureAdapter] = {adapter.model_type: adapter for adapter in (VIT_ADAPTER,)}
+ADAPTERS: dict[str, ArchitectureAdapter] = {
+    adapter.model_type: adapter
+    for adapter in (
+        VIT_ADAPTER,
+        CONVNEXT_ADAPTER,
+        RESNET_ADAPTER,
+        MOBILENET_V2_ADAPTER,
+    )
+}
 
 
 def get_adapter(model_type: str) -> ArchitectureAdapter:

@@ -128,9 +128,11 @@ PASSTHROUGH: tuple[type, ...] = (
     nn.ReLU,
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
+    nn.MaxPool2d,
     nn.Flatten,
 )
-"""Parameter-free modules that are already dynamic linear (ReLU's gradient is its detached gate)."""
+"""Parameter-free modules that are already dynamic linear (ReLU's gradient is its detached gate; max-pooling
+selects one input per window, so its gradient is that 0/1 selection)."""
 
 GENERIC_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
