@@ -1,0 +1,199 @@
+"""Image datasets for B-cos training: loading, a collator giving ``pixel_values`` in [0, 1], accuracy.
+
+B-cos models take RGB images in [0, 1] without mean/std normalisation (it is folded into the first layer), so
+the collator runs the model's saved image processor with ``do_normalize=False`` and turns grey or RGBA
+images into RGB. It works on any ``datasets.Dataset`` with an image column (``imagefolder``, saved Arrow
+datasets, ``Dataset.from_dict``): the images are decoded and processed per batch in the collator, which is
+why ``BcosTrainingArguments`` keeps ``remove_unused_columns=False``.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+"""Where the Debian package ``dataset-fashion-mnist`` puts the IDX files."""
+
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+LABEL_COLUMNS = ("label", "labels")
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+
+
+def to_rgb(image) -> Image.Image:
+    """A PIL RGB image from a PIL image of any mode (grey, RGBA, palette) or an (H, W[, C]) uint8 array."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _pick_column(columns, candidates: tuple[str, ...], wanted: str | None) -> str | None:
+    if wanted is not None:
+        return wanted if wanted in columns else None
+    return next((name for name in candidates if name in columns), None)
+
+
+def load_image_dataset(source: str | Path, split: str = "train"):
+    """Load an image dataset from a local folder: a saved ``Dataset`` (``save_to_disk``), Arrow files, or class folders.
+
+    A folder with ``dataset_info.json``/``state.json`` is loaded with ``load_from_disk`` (a ``DatasetDict``
+    gives ``split``); a folder of ``*.arrow`` files with the ``arrow`` builder; anything else as an
+    ``imagefolder`` (one sub-folder per class).
+    """
+    import datasets
+
+    folder = Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: expected a saved dataset, Arrow files or class folders.")
+    if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+        loaded = datasets.load_from_disk(str(folder))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    arrow_files = sorted(str(path) for path in folder.glob("*.arrow"))
+    if arrow_files:
+        return datasets.load_dataset("arrow", data_files={split: arrow_files}, split=split)
+    return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
+
+
+def check_dataset_labels(dataset, config, split: str = "train_dataset", label_column: str | None = None) -> None:
+    """Raise a ValueError saying how to fix it when ``dataset`` has no labels or labels that do not fit the model.
+
+    Checked on ``datasets.Dataset`` objects (other datasets are left to the collator): a label column must
+    exist, and a ``ClassLabel`` feature must have as many classes as the model, with the same names when the
+    model's labels are named.
+    """
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        return
+    column = _pick_column(columns, LABEL_COLUMNS, label_column)
+    if column is None:
+        raise ValueError(
+            f"The {split} has no label column (columns: {', '.join(columns)}; expected one of "
+            f"{', '.join(LABEL_COLUMNS)}). Add the class index of each image as a 'label' column "
+            "(dataset.add_column('label', ...)), rename yours (dataset.rename_column(<name>, 'label')), or for "
+            "label-free distillation use a collator that returns no labels and pass teacher=..."
+        )
+    names = getattr(dataset.features[column], "names", None)
+    if names is None:
+        return
+    model_names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    if len(names) != config.num_labels:
+        raise ValueError(
+            f"The {split} has {len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) but "
+            f"the model has {config.num_labels} labels. Give the model the dataset's labels before converting: "
+            "load the source with from_pretrained(..., num_labels=N, id2label=..., label2id=..., "
+            "ignore_mismatched_sizes=True) and pass it to bcos_hf.convert.convert (see "
+            "examples/finetune_image_classification.py)."
+        )
+    generic = all(name == f"LABEL_{i}" for i, name in enumerate(model_names))
+    if not generic and [str(name) for name in names] != [str(name) for name in model_names]:
+        raise ValueError(
+            f"The {split}'s class names {names} differ from the model's labels {model_names} (order matters: "
+            "label i of the dataset trains logit i). Reorder the dataset's labels "
+            "(dataset.align_labels_with_mapping(model.config.label2id, column)) or convert the source with the "
+            "dataset's id2label."
+        )
+
+
+@dataclass
+class ImageClassificationCollator:
+    """Batch images and labels for a B-cos classifier: ``{"pixel_values": (N, 3, H, W) in [0, 1], "labels"}``.
+
+    Args:
+        image_processor: the model's saved image processor (``AutoImageProcessor.from_pretrained(model_dir)``);
+            normalisation is switched off whatever it says, resizing and rescaling to [0, 1] are kept.
+        image_column / label_column: column names; by default the first of ``image, img, pixel_values`` and
+            ``label, labels`` that the examples have. Examples without labels give a batch without labels
+            (label-free distillation).
+        num_labels: if given, labels outside ``[0, num_labels)`` raise.
+    """
+
+    image_processor: object
+    image_column: str | None = None
+    label_column: str | None = None
+    num_labels: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        keys = list(examples[0])
+        image_column = _pick_column(keys, IMAGE_COLUMNS, self.image_column)
+        if image_column is None:
+            raise KeyError(
+                f"The examples have no image column (keys: {', '.join(keys)}; expected "
+                f"{self.image_column or ' or '.join(IMAGE_COLUMNS)}). If the Trainer removed it, keep "
+                "remove_unused_columns=False (the BcosTrainingArguments default)."
+            )
+        images = [to_rgb(example[image_column]) for example in examples]
+        pixel_values = self.image_processor(images, return_tensors="pt", do_normalize=False)["pixel_values"]
+        batch = {"pixel_values": pixel_values.float()}
+        label_column = _pick_column(keys, LABEL_COLUMNS, self.label_column)
+        if label_column is not None:
+            labels = torch.tensor([int(example[label_column]) for example in examples], dtype=torch.long)
+            if self.num_labels is not None and (labels.min() < 0 or labels.max() >= self.num_labels):
+                raise ValueError(
+                    f"Labels must lie in [0, {self.num_labels}) for this model; got {labels.min()}..{labels.max()}."
+                    " The dataset's label set does not match the model's: see check_dataset_labels."
+                )
+            batch["labels"] = labels
+        return batch
+
+
+def compute_accuracy(eval_prediction) -> dict[str, float]:
+    """Top-1 accuracy for ``Trainer(compute_metrics=...)``, with numpy (no ``evaluate.load``: it needs the Hub)."""
+    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+
+def _read_idx(path: Path, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        return np.frombuffer(handle.read(), dtype=np.uint8, offset=header)
+
+
+def fashion_mnist_available(root: str | Path = FASHION_MNIST_DIR) -> bool:
+    return (Path(root) / "t10k-labels-idx1-ubyte.gz").is_file()
+
+
+def load_fashion_mnist(split: str = "train", limit: int | None = None, root: str | Path = FASHION_MNIST_DIR):
+    """Fashion-MNIST (28 x 28 grey, 10 classes) as a ``datasets.Dataset`` with ``image`` and ``label`` columns.
+
+    Reads the IDX files of the Debian package ``dataset-fashion-mnist`` (``apt-get install
+    dataset-fashion-mnist``). ``split`` is ``"train"`` (60k) or ``"test"`` (10k); ``limit`` keeps the first
+    images, a class-balanced subset in practice (the files are shuffled).
+    """
+    import datasets
+
+    root = Path(root)
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
+    if not fashion_mnist_available(root):
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not in {root}. On Debian/Ubuntu: apt-get install dataset-fashion-mnist "
+            "(or pass root=<folder with the IDX .gz files>)."
+        )
+    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 8)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_LABELS)})
+    return datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(image, mode="L") for image in images], "label": labels.tolist()},
+        features=features,
+    )

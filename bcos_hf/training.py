@@ -1,0 +1,397 @@
+"""Fine-tune and distil B-cos models with the transformers ``Trainer`` (B-cosification, step two).
+
+``BcosTrainer`` is a ``Trainer`` whose defaults follow the released B-cosification recipe
+(``shared/reference/bcos.md`` §3.4): binary cross-entropy with targets 1 for the true class and 1/C elsewhere
+on logits that already carry the model's logit bias, adaptive gradient clipping instead of global-norm
+clipping, AdamW with a cosine schedule. It adds the paper's ablation schedules (B ramped up from 1, decay of
+the biases) and distillation from the original model (KL on logits for classifiers). Everything else is the
+Trainer: mixed precision, DDP/FSDP under ``torchrun`` or ``accelerate launch``, safetensors checkpoints,
+``resume_from_checkpoint`` and ``push_to_hub`` (with a B-cos model card).
+
+    args = BcosTrainingArguments(output_dir="out", max_steps=1000)
+    trainer = BcosTrainer(model, args, train_dataset=train, eval_dataset=test,
+                          data_collator=ImageClassificationCollator(processor), compute_metrics=compute_accuracy)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+
+from .data import check_dataset_labels
+from .model_card import render_model_card
+from .modeling.bcos_layers import BcosConv2d, BcosLinear, DetachableLinear
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("bce", "cross_entropy")
+
+
+@dataclass
+class BcosTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the B-cosification recipe's defaults and its extra knobs.
+
+    Every field has help text, so ``HfArgumentParser(BcosTrainingArguments)`` gives a command line.
+    Changed defaults: ``learning_rate=1e-4``, ``lr_scheduler_type="cosine"``, ``weight_decay=0``,
+    ``remove_unused_columns=False`` (image columns must reach the collator).
+    """
+
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "Peak learning rate of AdamW (the recipe: 1e-4 for CNNs, 1e-3 for ViTs)."}
+    )
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule; the recipe uses cosine without warm-up."}
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop dataset columns the model's forward does not take. Off: the collator needs the "
+            "'image' column, which the model's forward does not name."
+        },
+    )
+    loss: str = field(
+        default="bce",
+        metadata={
+            "help": "Label loss of classifiers: 'bce' (binary cross-entropy, targets 1 for the true class and "
+            "bce_off_target elsewhere; the recipe) or 'cross_entropy'.",
+            "choices": list(LOSSES),
+        },
+    )
+    bce_off_target: float | None = field(
+        default=None, metadata={"help": "BCE target of the wrong classes; default 1/C for C classes (the recipe)."}
+    )
+    adaptive_clipping: bool = field(
+        default=True,
+        metadata={
+            "help": "Adaptive gradient clipping (Brock et al. 2021) per unit (row of a weight, filter of a conv): "
+            "a unit's gradient norm is capped at clip_factor * max(|unit|, clip_eps). Replaces max_grad_norm "
+            "clipping (max_grad_norm is then ignored)."
+        },
+    )
+    clip_factor: float = field(default=0.01, metadata={"help": "Adaptive clipping: the cap relative to the unit norm."})
+    clip_eps: float = field(default=1e-3, metadata={"help": "Adaptive clipping: the smallest unit norm used."})
+    b_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Ramp B linearly from 1 to the model's B over this many optimiser steps (paper ablation); "
+            "0 trains at the model's B from the start."
+        },
+    )
+    bias_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight decay applied to the biases only (paper ablation, for models converted with "
+            "keep_bias=True): drives the constant terms to zero during fine-tuning. Attention query/key "
+            "biases are left alone (they only shape the attention pattern)."
+        },
+    )
+    distillation_alpha: float = field(
+        default=0.5,
+        metadata={"help": "Classifier distillation: loss = alpha * KL(teacher || student) + (1 - alpha) * label loss."},
+    )
+    distillation_temperature: float = field(
+        default=1.0, metadata={"help": "Classifier distillation: softmax temperature of the KL term."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}.")
+        if self.bce_off_target is not None and not 0 <= self.bce_off_target < 1:
+            raise ValueError(f"bce_off_target must lie in [0, 1); got {self.bce_off_target}.")
+        if not 0 <= self.distillation_alpha <= 1:
+            raise ValueError(f"distillation_alpha must lie in [0, 1]; got {self.distillation_alpha}.")
+        if not self.distillation_temperature > 0:
+            raise ValueError(f"distillation_temperature must be positive; got {self.distillation_temperature}.")
+        if self.b_warmup_steps < 0 or self.bias_decay < 0 or self.clip_factor <= 0 or self.clip_eps <= 0:
+            raise ValueError(
+                "b_warmup_steps and bias_decay must be >= 0, clip_factor and clip_eps > 0; got "
+                f"{self.b_warmup_steps}, {self.bias_decay}, {self.clip_factor}, {self.clip_eps}."
+            )
+        if self.adaptive_clipping and self.max_grad_norm <= 0:
+            raise ValueError(
+                "max_grad_norm <= 0 turns clipping off, but adaptive_clipping is on. To train without any "
+                "clipping pass adaptive_clipping=False (CLI: --adaptive_clipping False) as well."
+            )
+
+    def __getstate__(self) -> dict:
+        """Never pickle the Hub token: the Trainer saves these arguments as training_args.bin in every checkpoint."""
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
+
+def bce_loss(logits: torch.Tensor, labels: torch.Tensor, off_target: float | None = None) -> torch.Tensor:
+    """Binary cross-entropy of the recipe: target 1 for the true class, ``off_target`` (default 1/C) elsewhere.
+
+    ``logits`` already include the model's logit bias (``-log(C - 1)`` after conversion: every class starts
+    at probability 1/C). The mean over batch and classes, computed in float32.
+    """
+    num_classes = logits.shape[-1]
+    off = 1.0 / num_classes if off_target is None else off_target
+    targets = torch.full(logits.shape, off, dtype=torch.float32, device=logits.device)
+    targets.scatter_(1, labels.view(-1, 1), 1.0)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(teacher / T) || softmax(student / T))``, batch mean, float32 (Hinton et al. 2015)."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def _unit_norms(tensor: torch.Tensor) -> torch.Tensor:
+    """Norm per unit: per row of a weight / filter of a conv (dim 0), whole-tensor for vectors and scalars."""
+    dims = None if tensor.ndim <= 1 else tuple(range(1, tensor.ndim))
+    return torch.linalg.vector_norm(tensor.float(), dim=dims, keepdim=tensor.ndim > 1)
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3) -> torch.Tensor:
+    """Adaptive gradient clipping (Brock et al. 2021), in place; returns the total gradient norm before clipping.
+
+    Each unit's gradient norm is capped at ``clip_factor * max(‖unit‖, eps)``: a bound relative to the weights,
+    which suits B-cos fine-tuning where layers' weight norms differ by orders of magnitude.
+    """
+    squares = []
+    for parameter in parameters:
+        if parameter.grad is None:
+            continue
+        grad_norm = _unit_norms(parameter.grad)
+        squares.append(grad_norm.square().sum())
+        max_norm = _unit_norms(parameter).clamp_min(eps) * clip_factor
+        scale = (max_norm / grad_norm.clamp_min(1e-6)).clamp(max=1.0)
+        parameter.grad.mul_(scale.to(parameter.grad.dtype))
+    if not squares:
+        return torch.tensor(0.0)
+    return torch.stack(squares).sum().sqrt()
+
+
+def bcos_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules that carry a B exponent."""
+    return [module for module in model.modules() if isinstance(module, (BcosLinear, BcosConv2d))]
+
+
+def set_b(model: nn.Module, b: float) -> None:
+    """Set B on every B-cos layer of ``model`` (the config is left alone: see ``BWarmupCallback``)."""
+    for module in bcos_layers(model):
+        module.b = float(b)
+
+
+class BWarmupCallback(TrainerCallback):
+    """Ramps B linearly from 1 to ``final_b`` over ``steps`` optimiser steps, then holds it.
+
+    B is recomputed from the global step before every step, so a resumed run continues the ramp where it
+    stopped; at the end the layers and ``config.b`` agree on ``final_b``.
+    """
+
+    def __init__(self, final_b: float, steps: int) -> None:
+        self.final_b = float(final_b)
+        self.steps = steps
+
+    def b_at(self, step: int) -> float:
+        return 1.0 + (self.final_b - 1.0) * min(1.0, step / self.steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        set_b(model, self.b_at(state.global_step))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        set_b(model, self.final_b)
+        model.config.b = self.final_b
+
+
+def is_bcos_model(model: nn.Module) -> bool:
+    """A model converted by bcos_hf (loaded with bcos_hf or through remote code)."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "model_type", "")).startswith("bcos")
+
+
+def _check_bcos_model(model: nn.Module | None) -> None:
+    if model is None:
+        raise ValueError("BcosTrainer needs a model (model_init is not supported): pass model=<a B-cos model>.")
+    if not is_bcos_model(model):
+        raise TypeError(
+            f"BcosTrainer trains B-cos models; got a {type(model).__name__} "
+            f"(model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r}). Convert it first: "
+            "bcos_hf.convert.convert(model_or_hub_id, output_dir) (CLI: bcos-hf convert SRC OUT), then load the "
+            "folder with AutoModelForImageClassification.from_pretrained, or use the plain transformers Trainer "
+            "for a non-B-cos model."
+        )
+
+
+def _check_teacher(teacher: nn.Module, student: PreTrainedModel) -> None:
+    """The teacher must be the original model the student was converted from (or a B-cos copy of it)."""
+    config = student.config
+    teacher_config = getattr(teacher, "config", None)
+    teacher_type = getattr(teacher_config, "model_type", None)
+    expected_type = config.source_config.model_type
+    fix = (
+        f"Pass the model the student was converted from ({config.source_checkpoint or config.source_architecture}, "
+        f"loaded with {config.source_architecture}.from_pretrained), or a B-cos model of the same architecture."
+    )
+    if teacher_type == config.model_type:
+        teacher_type = teacher_config.source_config.model_type
+    if teacher_type != expected_type:
+        raise ValueError(
+            f"The teacher's architecture ({type(teacher).__name__}, model_type {teacher_type!r}) does not match "
+            f"the student's ({config.source_architecture}, model_type {expected_type!r}). {fix}"
+        )
+    teacher_labels = getattr(teacher_config, "num_labels", None)
+    if teacher_labels != config.num_labels:
+        raise ValueError(
+            f"The teacher has {teacher_labels} labels but the student has {config.num_labels}: their logits cannot "
+            f"be compared. {fix}"
+        )
+
+
+class BcosTrainer(Trainer):
+    """A ``Trainer`` for B-cos models: the recipe's loss and clipping, ablation schedules and distillation.
+
+    Args:
+        model: a B-cos model (``BcosForImageClassification``); anything else raises with how to convert it.
+        args: ``BcosTrainingArguments`` (plain ``TrainingArguments`` get the recipe's extra fields' defaults).
+        teacher: optional frozen teacher for distillation: the original (non-B-cos) model the student was
+            converted from. It is prepared by accelerate in evaluation mode, outside the student, the optimiser
+            and DDP; it sees the images normalised as the source expects (``config.input_mean/std``).
+        **kwargs: everything ``Trainer`` takes (``train_dataset``, ``data_collator``, ``compute_metrics``, ...).
+
+    Losses are per-batch means, so ``loss_is_scaled_for_ga = False``: the Trainer divides them by the number
+    of accumulation steps, and accumulation 4 x batch 2 gives the gradient of one batch of 8.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self, model: PreTrainedModel | None = None, args: TrainingArguments | None = None, *, teacher=None, **kwargs
+    ):
+        _check_bcos_model(model)
+        if args is None:
+            args = BcosTrainingArguments(output_dir="trainer_output")
+        elif not isinstance(args, BcosTrainingArguments):
+            raise TypeError(
+                "BcosTrainer takes BcosTrainingArguments (TrainingArguments plus the recipe's loss, clipping and "
+                "schedules); got TrainingArguments. Build BcosTrainingArguments(...) with the same fields."
+            )
+        for split in ("train_dataset", "eval_dataset"):
+            if kwargs.get(split) is not None:
+                check_dataset_labels(kwargs[split], model.config, split)
+        if teacher is not None:
+            _check_teacher(teacher, model)
+        super().__init__(model=model, args=args, **kwargs)
+        self.final_b = float(model.config.b)
+        if args.b_warmup_steps > 0:
+            self.add_callback(BWarmupCallback(self.final_b, args.b_warmup_steps))
+        self.teacher = None
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher_takes_raw_pixels = teacher is not None and is_bcos_model(teacher)
+
+    # Loss ------------------------------------------------------------------------------------------------
+
+    def label_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.args.loss == "cross_entropy":
+            return F.cross_entropy(logits.float(), labels)
+        return bce_loss(logits, labels, self.args.bce_off_target)
+
+    def teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's logits on the same images (normalised the way the source model expects)."""
+        if not self.teacher_takes_raw_pixels:
+            config = self.accelerator.unwrap_model(self.model).config
+            mean = torch.tensor(config.input_mean, device=pixel_values.device).view(1, 3, 1, 1)
+            std = torch.tensor(config.input_std, device=pixel_values.device).view(1, 3, 1, 1)
+            pixel_values = (pixel_values[:, :3] - mean) / std
+        with torch.no_grad():
+            return self.teacher(pixel_values=pixel_values).logits
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Label loss (BCE or cross-entropy), mixed with the KL to the teacher when there is one.
+
+        A per-batch mean (``num_items_in_batch`` is not needed: ``loss_is_scaled_for_ga`` is False).
+        """
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        outputs = model(**inputs)
+        if labels is None and self.teacher is None:
+            raise ValueError(
+                "The batch has no 'labels' and there is no teacher to distil from: use a collator that returns "
+                "labels (bcos_hf.data.ImageClassificationCollator), or pass teacher=<the original model>."
+            )
+        logits = outputs.logits
+        loss = self.label_loss(logits, labels) if labels is not None else None
+        if self.teacher is not None:
+            distillation = distillation_kl(
+                logits, self.teacher_logits(inputs["pixel_values"]), self.args.distillation_temperature
+            )
+            alpha = self.args.distillation_alpha if loss is not None else 1.0
+            loss = alpha * distillation + (1 - alpha) * loss if loss is not None else distillation
+        return (loss, outputs) if return_outputs else loss
+
+    # Optimiser and clipping ------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        """AdamW as the Trainer builds it; with ``bias_decay`` the constant-term biases get their own decay group."""
+        optimizer = super().create_optimizer(model)
+        biases = self._decayable_biases(model or self.model) if self.args.bias_decay > 0 else []
+        if biases:
+            ids = {id(bias) for bias in biases}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group({"params": biases, "weight_decay": self.args.bias_decay})
+        return optimizer
+
+    @staticmethod
+    def _decayable_biases(model: nn.Module) -> list[nn.Parameter]:
+        """Biases that add constant terms: every bias except attention queries' and keys' (kept on purpose)."""
+        return [
+            module.bias
+            for module in model.modules()
+            if isinstance(getattr(module, "bias", None), nn.Parameter)
+            and module.bias.requires_grad
+            and not isinstance(module, DetachableLinear)
+        ]
+
+    def _clip_grad_norm(self, model):
+        """Adaptive clipping replaces the Trainer's global-norm clipping when ``adaptive_clipping`` is on."""
+        if not self.args.adaptive_clipping:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()  # fp16: clip the true gradients, not the loss-scaled ones
+        return adaptive_clip_grad_(model.parameters(), self.args.clip_factor, self.args.clip_eps)
+
+    # Hub -------------------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
+        """Write the B-cos model card (model_cards/) with the training set-up and the evaluation results."""
+        if not self.is_world_process_zero():
+            return
+        from .hub import training_card_details
+
+        model = self.accelerator.unwrap_model(self.model)
+        rows, sections = training_card_details(self, **kwargs)
+        output_dir = Path(self.args.output_dir)
+        report = _conversion_report(model)
+        if report is not None:
+            (output_dir / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        card = render_model_card(
+            model.config,
+            report=report,
+            model_id=self.hub_model_id or model_name or output_dir.name,
+            extra_rows=rows,
+            sections=sections,
+        )
+        (output_dir / "README.md").write_text(card)
+
+
+def _conversion_report(model: PreTrainedModel) -> dict | None:
+    """The conversion report saved next to the model the training started from, if any."""
+    path = Path(model.config.name_or_path or "") / "conversion_report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
