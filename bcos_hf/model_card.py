@@ -20,6 +20,7 @@ def render_model_card(
     model_id: str | None = None,
     extra_rows: dict[str, str] | None = None,
     sections: dict[str, str] | None = None,
+    fine_tuned: bool = False,
 ) -> str:
     """The model card of a B-cos model.
 
@@ -29,6 +30,7 @@ def render_model_card(
         model_id: the hub id or folder users load the model from (defaults to the model's name).
         extra_rows: more rows for the summary table (training data, accuracy, localisation score, ...).
         sections: more markdown sections, title -> body (training details, an explanation picture, ...).
+        fine_tuned: the model was trained after conversion (drops the "before fine-tuning" note).
     """
     base_model = config.source_checkpoint or "unknown"
     model_id = model_id or (Path(config.name_or_path).name if config.name_or_path else "path/to/model")
@@ -42,7 +44,7 @@ def render_model_card(
     status = (
         "\n> This is the converted model **before fine-tuning**: with B = $b and no biases its predictions differ "
         "from the source model's. Fine-tune it (bcos_hf's `BcosTrainer`) to recover accuracy.\n"
-        if report is not None and (config.b != 1 or not config.keep_bias)
+        if report is not None and not fine_tuned and (config.b != 1 or not config.keep_bias)
         else ""
     )
     rendered_sections = "".join(f"## {title}\n\n{body.strip()}\n\n" for title, body in (sections or {}).items())

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from .data import check_dataset_labels
+from .hub import conversion_report, training_card_details
 from .model_card import render_model_card
 from .modeling.bcos_layers import BcosConv2d, BcosLinear, DetachableLinear
 
@@ -286,6 +287,9 @@ class BcosTrainer(Trainer):
                 check_dataset_labels(kwargs[split], model.config, split)
         if teacher is not None:
             _check_teacher(teacher, model)
+        collator_processor = getattr(kwargs.get("data_collator"), "image_processor", None)
+        if kwargs.get("processing_class") is None and collator_processor is not None:
+            kwargs["processing_class"] = collator_processor  # saved with every checkpoint and pushed to the Hub
         super().__init__(model=model, args=args, **kwargs)
         self.final_b = float(model.config.b)
         if args.b_warmup_steps > 0:
@@ -370,15 +374,17 @@ class BcosTrainer(Trainer):
     # Hub -------------------------------------------------------------------------------------------------
 
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
-        """Write the B-cos model card (model_cards/) with the training set-up and the evaluation results."""
+        """Write the B-cos model card (model_cards/) with the training set-up and the evaluation results.
+
+        ``Trainer.push_to_hub`` calls it before uploading the output folder; keyword arguments are those of
+        ``Trainer.create_model_card`` (``dataset=...`` names the training data on the card).
+        """
         if not self.is_world_process_zero():
             return
-        from .hub import training_card_details
-
         model = self.accelerator.unwrap_model(self.model)
         rows, sections = training_card_details(self, **kwargs)
         output_dir = Path(self.args.output_dir)
-        report = _conversion_report(model)
+        report = conversion_report(model)
         if report is not None:
             (output_dir / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
         card = render_model_card(
@@ -387,11 +393,6 @@ class BcosTrainer(Trainer):
             model_id=self.hub_model_id or model_name or output_dir.name,
             extra_rows=rows,
             sections=sections,
+            fine_tuned=True,
         )
         (output_dir / "README.md").write_text(card)
-
-
-def _conversion_report(model: PreTrainedModel) -> dict | None:
-    """The conversion report saved next to the model the training started from, if any."""
-    path = Path(model.config.name_or_path or "") / "conversion_report.json"
-    return json.loads(path.read_text()) if path.is_file() else None
