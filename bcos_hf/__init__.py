@@ -23,6 +23,7 @@ from .modeling.bcos_layers import (
 from .modeling.configuration_bcos import BcosConfig
 from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
 from .modeling.rewriting import ArchitectureAdapter, UnsupportedModelError
+from .pipelines import ImageExplanationPipeline, register_pipeline
 
 try:
     __version__ = version("bcos-hf")
@@ -32,6 +33,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 AutoConfig.register(BcosConfig.model_type, BcosConfig, exist_ok=True)
 AutoModel.register(BcosConfig, BcosModel, exist_ok=True)
 AutoModelForImageClassification.register(BcosConfig, BcosForImageClassification, exist_ok=True)
+register_pipeline()
 
 __all__ = [
     "ADAPTERS",
@@ -46,6 +48,7 @@ __all__ = [
     "BcosPreTrainedModel",
     "DetachableActivation",
     "DetachableLinear",
+    "ImageExplanationPipeline",
     "LogitLayer",
     "UncentredBatchNorm2d",
     "UnsupportedModelError",

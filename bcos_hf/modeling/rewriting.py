@@ -28,6 +28,7 @@ from .bcos_layers import (
     ExplainableMixin,
     UncentredBatchNorm2d,
 )
+from .explanation_bcos import fold_constant_tokens
 
 
 class UnsupportedModelError(ValueError):
@@ -69,6 +70,9 @@ class ArchitectureAdapter:
         attention_value: names of the value projections: plain linear layers (attention is already linear
             in the values), biases dropped with the others.
         rules: extra rules for the architecture's own module types, by class name.
+        constant_tokens: path, inside the base model, of the embeddings module that adds constant tokens
+            (position embeddings, class / distillation / register tokens) to the patch tokens; in explanation
+            mode ``fold_constant_tokens`` makes them input-linear, value-identical (bcos.md §3.3).
         pooling_note: where pooling happens relative to the classifier and why (documentation).
     """
 
@@ -81,6 +85,7 @@ class ArchitectureAdapter:
     attention_query_key: frozenset[str] = frozenset()
     attention_value: frozenset[str] = frozenset()
     rules: dict[str, Rule] = field(default_factory=dict)
+    constant_tokens: str | None = None
     pooling_note: str = ""
 
 
@@ -180,6 +185,9 @@ def bcosify(model: nn.Module, adapter: ArchitectureAdapter, options: RewriteOpti
         replacement = rule(child, path, options)
         replacement.train(child.training)
         setattr(parent, name, replacement)
+    if adapter.constant_tokens is not None:
+        embeddings = model.base_model.get_submodule(adapter.constant_tokens)
+        embeddings.register_forward_hook(fold_constant_tokens, with_kwargs=True)
     return model
 
 

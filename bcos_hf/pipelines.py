@@ -1,0 +1,97 @@
+"""The ``image-explanation`` pipeline: ``pipeline("image-explanation", model=...)`` classifies and explains.
+
+Registered with transformers' ``PIPELINE_REGISTRY`` on ``import bcos_hf``. It takes what the
+image-classification pipeline takes (paths, URLs, PIL images, lists of them) and returns, per image, the
+predicted label and score, the explained target, and the explanation pictures (``BcosExplanation``).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageClassification, ImageClassificationPipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .modeling.explanation_bcos import OPACITY_PERCENTILE, SMOOTHING_KERNEL, BcosExplanation
+
+TASK = "image-explanation"
+
+
+class ImageExplanationPipeline(ImageClassificationPipeline):
+    """Classify images with a B-cos model and explain each prediction (one forward and backward per batch).
+
+    Call parameters:
+        target: what to explain for every image: None (the predicted class), a class index or a label name.
+        smoothing, percentile: how the coloured explanation is rendered (``BcosExplanation.rgba``).
+        with_image: put the input image on the left of each picture.
+
+    Returns, per image, a dict with ``label`` and ``score`` (the prediction, softmax), ``target`` (the explained
+    label), ``logit`` and ``residual`` of the explained class, ``explanation`` (PIL RGBA), ``heatmap`` (PIL RGB)
+    and ``contributions`` (H x W tensor).
+    """
+
+    def _sanitize_parameters(
+        self,
+        target: int | str | None = None,
+        smoothing: int | None = None,
+        percentile: float | None = None,
+        with_image: bool | None = None,
+        timeout: float | None = None,
+    ):
+        preprocess_params = {"timeout": timeout} if timeout is not None else {}
+        forward_params = {"target": target}
+        postprocess_params = {
+            "smoothing": SMOOTHING_KERNEL if smoothing is None else smoothing,
+            "percentile": OPACITY_PERCENTILE if percentile is None else percentile,
+            "with_image": bool(with_image),
+        }
+        return preprocess_params, forward_params, postprocess_params
+
+    def get_inference_context(self):
+        """Explanations need autograd: ``explain`` manages gradients itself and leaves none behind."""
+        return nullcontext
+
+    def _forward(self, model_inputs, target: int | str | None = None) -> dict[str, torch.Tensor]:
+        if not hasattr(self.model, "explain"):
+            raise ValueError(
+                f"The image-explanation pipeline needs a B-cos model (with .explain); got {type(self.model).__name__}. "
+                "Convert it first: bcos-hf convert SOURCE OUTPUT_DIR."
+            )
+        explanation = self.model.explain(model_inputs["pixel_values"], target=target)
+        return {
+            "logits": explanation.logits,
+            "target": explanation.target,
+            "contributions": explanation.contributions,
+            "dynamic_weights": explanation.dynamic_weights,
+            "residual": explanation.residual,
+            "pixel_values": explanation.pixel_values,
+        }
+
+    def postprocess(
+        self, model_outputs, smoothing: int = SMOOTHING_KERNEL, percentile: float = OPACITY_PERCENTILE, with_image=False
+    ) -> dict[str, Any]:
+        explanation = BcosExplanation(**model_outputs)
+        id2label = self.model.config.id2label or {}
+        probabilities = explanation.logits[0].float().softmax(dim=-1)
+        predicted = int(probabilities.argmax())
+        target = int(explanation.target[0])
+        return {
+            "label": id2label.get(predicted, str(predicted)),
+            "score": float(probabilities[predicted]),
+            "target": id2label.get(target, str(target)),
+            "logit": float(explanation.target_logits[0]),
+            "residual": float(explanation.residual[0]),
+            "explanation": explanation.explanation_images(with_image, smoothing=smoothing, percentile=percentile)[0],
+            "heatmap": explanation.heatmap_images(with_image, percentile=percentile)[0],
+            "contributions": explanation.contributions[0],
+        }
+
+
+def register_pipeline() -> None:
+    """Make ``pipeline("image-explanation", ...)`` available (called on ``import bcos_hf``)."""
+    if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=ImageExplanationPipeline, pt_model=AutoModelForImageClassification, type="image"
+        )
