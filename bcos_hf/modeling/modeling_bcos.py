@@ -24,7 +24,6 @@ from transformers.utils.generic import can_return_tuple
 from .adapters import get_adapter
 from .bcos_layers import LogitLayer, explanation_mode
 from .configuration_bcos import BcosConfig
-from .explanation_bcos import BcosExplanation, Target, explain
 from .rewriting import RewriteOptions, bcosify
 
 PIXEL_RANGE_TOLERANCE = 1e-3
@@ -113,8 +112,11 @@ class BcosPreTrainedModel(PreTrainedModel):
         """``network`` is given by the converter (an already rewritten source model); loading builds it."""
         super().__init__(config)
         # The config setter hands attention choices down to sub-configs, except at init: do it here, so the
-        # source network dispatches to the attention kernel that was checked for this model.
-        config.source_config._attn_implementation_internal = config._attn_implementation
+        # source network dispatches to the attention kernel that was checked for this model. Architectures
+        # without attention (ConvNeXt, ResNet, MobileNetV2) refuse every kernel choice: they keep their default.
+        source_class = getattr(transformers, get_adapter(config.source_config.model_type).model_classes[self.task])
+        if source_class._supports_sdpa:
+            config.source_config._attn_implementation_internal = config._attn_implementation
         if network is None:
             network = build_network(config, self.task)
         else:
@@ -136,16 +138,6 @@ class BcosPreTrainedModel(PreTrainedModel):
     def explanation_mode(self, enabled: bool = True) -> AbstractContextManager[nn.Module]:
         """Context manager: inside it, the input gradient of an output is the dynamic linear map W(x)."""
         return explanation_mode(self, enabled)
-
-    def explain(self, pixel_values: torch.Tensor, target: Target = None, **kwargs) -> BcosExplanation:
-        """Explain a batch in one forward and one backward: ``W(x)``, the contribution maps and their pictures.
-
-        ``target``: None (the predicted class), a class index or label name for all images, or one per image.
-        Backbones (``BcosModel``) have no classes: ``target`` is a feature index into ``pooler_output``, or a
-        callable mapping the outputs to one score per image. ``kwargs`` go to ``forward``. The model is left as
-        it was (training flag, explanation mode, no gradients). See ``BcosExplanation``.
-        """
-        return explain(self, pixel_values, target, **kwargs)
 
 
 class BcosModel(BcosPreTrainedModel):
