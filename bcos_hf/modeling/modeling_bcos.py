@@ -24,6 +24,7 @@ from transformers.utils.generic import can_return_tuple
 from .adapters import get_adapter
 from .bcos_layers import LogitLayer, explanation_mode
 from .configuration_bcos import BcosConfig
+from .explanation_bcos import BcosExplanation, Target, explain
 from .rewriting import RewriteOptions, bcosify
 
 PIXEL_RANGE_TOLERANCE = 1e-3
@@ -138,6 +139,16 @@ class BcosPreTrainedModel(PreTrainedModel):
     def explanation_mode(self, enabled: bool = True) -> AbstractContextManager[nn.Module]:
         """Context manager: inside it, the input gradient of an output is the dynamic linear map W(x)."""
         return explanation_mode(self, enabled)
+
+    def explain(self, pixel_values: torch.Tensor, target: Target = None, **kwargs) -> BcosExplanation:
+        """Explain a batch in one forward and one backward: ``W(x)``, the contribution maps and their pictures.
+
+        ``target``: None (the predicted class), a class index or label name for all images, or one per image.
+        Backbones (``BcosModel``) have no classes: ``target`` is a feature index into ``pooler_output``, or a
+        callable mapping the outputs to one score per image. ``kwargs`` go to ``forward``. The model is left as
+        it was (training flag, explanation mode, no gradients). See ``BcosExplanation``.
+        """
+        return explain(self, pixel_values, target, **kwargs)
 
 
 class BcosModel(BcosPreTrainedModel):
