@@ -41,14 +41,10 @@ def mobilenet_v2_weights_path() -> Path:
     )
 
 
-def imagenet_mobilenet_v2() -> tuple[MobileNetV2ForImageClassification, MobileNetV2ImageProcessorPil]:
-    """The pretrained ImageNet MobileNetV2 (eval mode, float32) and its image processor.
-
-    The processor reproduces torchvision's evaluation transform: resize the short side to 256 (bilinear),
-    centre-crop 224, scale to [0, 1], normalise with the ImageNet mean and standard deviation.
-    """
+def imagenet_mobilenet_v2_config() -> MobileNetV2Config:
+    """torchvision's MobileNetV2 as a transformers config: PyTorch padding, BatchNorm eps 1e-5, ImageNet labels."""
     labels = imagenet_labels()
-    config = MobileNetV2Config(
+    return MobileNetV2Config(
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: index for index, label in enumerate(labels)},
@@ -56,7 +52,21 @@ def imagenet_mobilenet_v2() -> tuple[MobileNetV2ForImageClassification, MobileNe
         layer_norm_eps=1e-5,
         classifier_dropout_prob=0.2,  # torchvision's value (transformers defaults to TensorFlow's 0.8)
     )
-    model = MobileNetV2ForImageClassification(config)
+
+
+def imagenet_image_processor() -> MobileNetV2ImageProcessorPil:
+    """torchvision's evaluation transform: short side to 256 (bilinear), centre crop 224, ImageNet mean/std."""
+    return MobileNetV2ImageProcessorPil(
+        size={"shortest_edge": 256},
+        crop_size={"height": 224, "width": 224},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+
+
+def imagenet_mobilenet_v2() -> tuple[MobileNetV2ForImageClassification, MobileNetV2ImageProcessorPil]:
+    """The pretrained ImageNet MobileNetV2 (eval mode, float32) and its image processor."""
+    model = MobileNetV2ForImageClassification(imagenet_mobilenet_v2_config())
     source = torch.load(mobilenet_v2_weights_path(), map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
@@ -69,13 +79,7 @@ def imagenet_mobilenet_v2() -> tuple[MobileNetV2ForImageClassification, MobileNe
             )
         mapped[name] = source_tensor
     model.load_state_dict(mapped, strict=True)
-    processor = MobileNetV2ImageProcessorPil(
-        size={"shortest_edge": 256},
-        crop_size={"height": 224, "width": 224},
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-    )
-    return model.float().eval(), processor
+    return model.float().eval(), imagenet_image_processor()
 
 
 def save_imagenet_mobilenet_v2(folder: str | Path) -> Path:
