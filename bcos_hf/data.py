@@ -106,7 +106,8 @@ def check_dataset_labels(dataset, config, split: str = "train_dataset", label_co
         raise ValueError(
             f"The {split}'s class names {names} differ from the model's labels {model_names} (order matters: "
             "label i of the dataset trains logit i). Reorder the dataset's labels "
-            "(dataset.align_labels_with_mapping(model.config.label2id, column)) or convert the source with the "
+            "(dataset.align_labels_with_mapping({name: i for i, name in model.config.id2label.items()}, column)) "
+            "or convert the source with the "
             "dataset's id2label."
         )
 

@@ -1,0 +1,103 @@
+"""A tiny, deterministic B-cos training run: shared by the training tests and run as a script by the DDP and
+resume tests (``torchrun tests/train_tiny.py ...`` / ``python tests/train_tiny.py ...``).
+
+The model is a converted tiny ViT (16 px, one layer) saved to disk; the data are seeded random images with
+labels that depend on the image (so the loss can fall). Final weights are written per rank as safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForImageClassification, TrainerCallback
+
+TINY_VIT = dict(
+    hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=16, patch_size=8
+)
+IMAGE_SIZE = 16
+
+
+class TinyImages(torch.utils.data.Dataset):
+    """``size`` seeded random RGB images in [0, 1] of 16 x 16 px; label = brightest third of the mean (3 classes)."""
+
+    def __init__(self, size: int = 64, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+        means = self.images.mean(dim=(1, 2, 3))
+        self.labels = torch.bucketize(means, means.quantile(torch.tensor([1 / 3, 2 / 3])))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[index], "labels": self.labels[index]}
+
+
+def save_tiny_bcos(folder: Path, **convert_kwargs) -> Path:
+    """Convert a tiny ViT classifier (labels cat, dog, car) and save it to ``folder``; returns the folder."""
+    from bcos_hf.convert import convert
+
+    from .families import save_family
+
+    _, source = save_family("vit", Path(folder).parent / f"{Path(folder).name}-source", **TINY_VIT)
+    convert(str(source), folder, **convert_kwargs)
+    return Path(folder)
+
+
+def load(folder: Path):
+    return AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32)
+
+
+class StepDelay(TrainerCallback):
+    """Sleep after each optimiser step, so that a test can kill the run between two checkpoints."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(self.seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import bcos_hf  # noqa: F401  (Auto classes)
+    from bcos_hf.training import BcosTrainer, BcosTrainingArguments
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--max_steps", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=8, help="per device")
+    parser.add_argument("--save_steps", type=int, default=0, help="0: no checkpoints")
+    parser.add_argument("--step_delay", type=float, default=0.0)
+    parser.add_argument("--resume", action="store_true")
+    options = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    args = BcosTrainingArguments(
+        output_dir=str(options.output_dir),
+        max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size,
+        learning_rate=1e-3,
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+    )
+    callbacks = [StepDelay(options.step_delay)] if options.step_delay else []
+    trainer = BcosTrainer(load(options.model_dir), args, train_dataset=TinyImages(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=True if options.resume else None)
+    rank = int(os.environ.get("RANK", "0"))
+    weights = {name: tensor.detach().contiguous() for name, tensor in trainer.model.state_dict().items()}
+    save_file(weights, str(options.output_dir / f"final-rank{rank}.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
