@@ -1,12 +1,20 @@
 """bcos_hf: turn pretrained Hugging Face vision models into B-cos models, on the transformers Auto classes.
 
-``import bcos_hf`` registers the B-cos config and model classes with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForImageClassification``, so ``from_pretrained`` on a converted folder returns bcos_hf classes.
+``import bcos_hf`` registers the B-cos config and model classes with ``AutoConfig``, ``AutoModel``,
+``AutoModelForImageClassification`` and (B-cos CLIP) ``AutoModelForZeroShotImageClassification`` and
+``AutoProcessor``, so ``from_pretrained`` on a converted folder returns bcos_hf classes.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+    CLIPProcessor,
+)
 
 from .modeling.adapters import ADAPTERS, get_adapter
 from .modeling.bcos_layers import (
@@ -21,7 +29,9 @@ from .modeling.bcos_layers import (
     explanation_mode,
 )
 from .modeling.configuration_bcos import BcosConfig
+from .modeling.configuration_bcos_clip import BcosCLIPConfig
 from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
+from .modeling.modeling_bcos_clip import BcosCLIPModel
 from .modeling.rewriting import ArchitectureAdapter, UnsupportedModelError
 from .pipelines import ImageExplanationPipeline, register_pipeline
 
@@ -34,10 +44,16 @@ AutoConfig.register(BcosConfig.model_type, BcosConfig, exist_ok=True)
 AutoModel.register(BcosConfig, BcosModel, exist_ok=True)
 AutoModelForImageClassification.register(BcosConfig, BcosForImageClassification, exist_ok=True)
 register_pipeline()
+AutoConfig.register(BcosCLIPConfig.model_type, BcosCLIPConfig, exist_ok=True)
+AutoModel.register(BcosCLIPConfig, BcosCLIPModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(BcosCLIPConfig, BcosCLIPModel, exist_ok=True)
+AutoProcessor.register(BcosCLIPConfig, CLIPProcessor, exist_ok=True)
 
 __all__ = [
     "ADAPTERS",
     "ArchitectureAdapter",
+    "BcosCLIPConfig",
+    "BcosCLIPModel",
     "BcosConfig",
     "BcosConv2d",
     "BcosForImageClassification",

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoImageProcessor, PreTrainedModel
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, PreTrainedModel
 
 from .model_card import render_model_card
 from .modeling.adapters import get_adapter
-from .modeling.configuration_bcos import BcosConfig
 from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
+from .modeling.modeling_bcos_clip import BcosCLIPModel
 from .modeling.rewriting import (
     ArchitectureAdapter,
     RewriteOptions,
@@ -38,6 +38,18 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "conversion_report.json"
 EQUIVALENCE_BATCH = 2
 EQUIVALENCE_SEED = 0
+
+BCOS_CLASSES: dict[str, type[BcosPreTrainedModel]] = {
+    "base": BcosModel,
+    "image-classification": BcosForImageClassification,
+    "zero-shot-image-classification": BcosCLIPModel,
+}
+"""The B-cos class a source model becomes, by the task its adapter lists it under (``model_classes``)."""
+
+IMAGE_TEXT_NOTE = (
+    "Equivalence is measured on the image embeddings (get_image_features): only the vision tower is converted, "
+    "so logits_per_image match the source's as closely as the image embeddings do."
+)
 
 
 @dataclass
@@ -69,11 +81,15 @@ class ConversionReport:
 
 @dataclass
 class Conversion:
-    """The result of ``convert``: the B-cos model, its image processor (normalisation off) and the report."""
+    """The result of ``convert``: the B-cos model, its image processor (normalisation off) and the report.
+
+    Image-text models also get their full ``processor`` (tokenizer and that image processor).
+    """
 
     model: BcosPreTrainedModel
     image_processor: object | None
     report: ConversionReport
+    processor: object | None = None
 
 
 def _bcos_hf_version() -> str:
@@ -82,25 +98,29 @@ def _bcos_hf_version() -> str:
     return __version__
 
 
+def _supported_classes(adapter: ArchitectureAdapter) -> str:
+    return ", ".join([*adapter.model_classes.values(), *adapter.variant_classes])
+
+
 def _task_for(model: PreTrainedModel, adapter: ArchitectureAdapter) -> str:
     name = type(model).__name__
-    for task, class_name in adapter.model_classes.items():
-        if class_name == name:
-            return task
-    supported = ", ".join(adapter.model_classes.values())
-    raise UnsupportedModelError(
-        f"bcos_hf converts {adapter.model_type} checkpoints of these classes: {supported}; got {name}."
-    )
+    task = adapter.task_of(name)
+    if task is None:
+        raise UnsupportedModelError(
+            f"bcos_hf converts {adapter.model_type} checkpoints of these classes: {_supported_classes(adapter)}; "
+            f"got {name}."
+        )
+    return task
 
 
 def _load_source(source: str, adapter: ArchitectureAdapter, config) -> PreTrainedModel:
     """Load the checkpoint with the class its config names (the backbone class when it names none)."""
-    architectures = list(config.architectures or [adapter.model_classes["base"]])
+    architectures = list(config.architectures or [adapter.model_classes.get("base")])
     class_name = architectures[0]
-    if class_name not in adapter.model_classes.values():
-        supported = ", ".join(adapter.model_classes.values())
+    if adapter.task_of(class_name) is None:
         raise UnsupportedModelError(
-            f"{source} is a {class_name}; bcos_hf converts these {adapter.model_type} classes: {supported}."
+            f"{source} is a {class_name}; bcos_hf converts these {adapter.model_type} classes: "
+            f"{_supported_classes(adapter)}."
         )
     return getattr(transformers, class_name).from_pretrained(source, dtype=torch.float32)
 
@@ -113,11 +133,16 @@ def _image_size(config, image_processor) -> tuple[int, int]:
         width = getattr(size, "width", None) if size is not None else None
         if height and width:
             return int(height), int(width)
-    side = getattr(config, "image_size", 224)
+    side = getattr(getattr(config, "vision_config", config), "image_size", 224)
     return (side, side) if isinstance(side, int) else tuple(side)
 
 
-def _primary_output(outputs) -> torch.Tensor:
+def _primary_output(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the equivalence check compares: the logits, the last hidden state of backbones, or the image
+    embeddings of image-text models (those with ``get_image_features``), whose text tower is not converted."""
+    if hasattr(model, "get_image_features"):
+        return model.get_image_features(pixel_values=pixel_values).pooler_output
+    outputs = model(pixel_values=pixel_values)
     logits = getattr(outputs, "logits", None)
     return logits if logits is not None else outputs.last_hidden_state
 
@@ -126,13 +151,24 @@ def _source_output(model: PreTrainedModel, images: torch.Tensor, mean: list[floa
     """The source model's output on images in [0, 1], normalised the way its processor does."""
     normalised = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.inference_mode():
-        return _primary_output(model(pixel_values=normalised))
+        return _primary_output(model, normalised)
 
 
 def _bcos_output(network: PreTrainedModel, images: torch.Tensor) -> torch.Tensor:
     """A rewritten network's output on the ``[x, 1 - x]`` encoding of the same images."""
     with torch.inference_mode():
-        return _primary_output(network(pixel_values=torch.cat([images, 1 - images], dim=1)))
+        return _primary_output(network, torch.cat([images, 1 - images], dim=1))
+
+
+def _load_processor(source: str | PreTrainedModel, model_class: type[BcosPreTrainedModel]):
+    """The source's full processor (tokenizer and image processor) for models that also read text, else None."""
+    if "text" not in model_class.input_modalities or isinstance(source, PreTrainedModel):
+        return None
+    try:
+        return AutoProcessor.from_pretrained(str(source))
+    except (OSError, ValueError) as error:
+        logger.info("No processor in %s: %s", source, error)
+        return None
 
 
 def _rewrite(model: PreTrainedModel, adapter: ArchitectureAdapter, mean, std, options: RewriteOptions) -> None:
@@ -186,7 +222,7 @@ def convert(
     else:
         source_name = str(source)
         config = AutoConfig.from_pretrained(source_name)
-        if config.model_type == BcosConfig.model_type:
+        if config.model_type in {bcos_class.config_class.model_type for bcos_class in BCOS_CLASSES.values()}:
             raise UnsupportedModelError(f"{source_name} is already a B-cos model; load it with from_pretrained.")
         adapter = get_adapter(config.model_type)
         logger.info("Loading %s", source_name)
@@ -198,6 +234,7 @@ def convert(
                 logger.info("No image processor in %s: %s", source_name, error)
     source_model.eval()
     task = _task_for(source_model, adapter)
+    model_class = BCOS_CLASSES[task]
     source_architecture = type(source_model).__name__
 
     if image_mean is None or image_std is None:
@@ -235,7 +272,7 @@ def convert(
     num_labels = len(network.config.id2label or {}) if task == "image-classification" else 0
     if logit_bias is None:
         logit_bias = -math.log(num_labels - 1) if (num_labels > 2 and not keep_bias) else 0.0
-    config = BcosConfig(
+    config = model_class.config_class(
         source_config=network.config,
         b=b,
         keep_bias=keep_bias,
@@ -248,12 +285,14 @@ def convert(
         source_architecture=source_architecture,
         bcos_hf_version=_bcos_hf_version(),
     )
-    model_class = BcosForImageClassification if task == "image-classification" else BcosModel
     model = model_class(config, network=network).eval()
 
     if image_processor is not None:
         image_processor = copy.deepcopy(image_processor)
         image_processor.do_normalize = False
+    processor = _load_processor(source, model_class)
+    if processor is not None:
+        processor.image_processor = image_processor
 
     report = ConversionReport(
         source=source_name,
@@ -269,13 +308,19 @@ def convert(
         bcos_hf_version=_bcos_hf_version(),
         output_dir=str(output_dir) if output_dir is not None else None,
     )
+    if hasattr(source_model, "get_image_features"):
+        report.notes.append(IMAGE_TEXT_NOTE)
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output_dir)
-        if image_processor is not None:
+        if processor is not None:
+            processor.save_pretrained(output_dir)
+        elif "text" in model_class.input_modalities:
+            report.notes.append("The source has no processor with a tokenizer: none was saved, so pipelines need one.")
+        if image_processor is not None and processor is None:
             image_processor.save_pretrained(output_dir)
-        else:
+        elif image_processor is None:
             report.notes.append("The source has no image processor: none was saved, so pipelines need one passed.")
     report.seconds = round(time.perf_counter() - started, 3)
     if output_dir is not None:
@@ -283,4 +328,4 @@ def convert(
         (output_dir / "README.md").write_text(
             render_model_card(model.config, report=asdict(report), model_id=str(output_dir))
         )
-    return Conversion(model=model, image_processor=image_processor, report=report)
+    return Conversion(model=model, image_processor=image_processor, report=report, processor=processor)

@@ -11,10 +11,25 @@ from collections.abc import Callable
 
 import torch
 from transformers import (
+    CLIPConfig,
+    CLIPForImageClassification,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     ConvNextConfig,
     ConvNextForImageClassification,
     ConvNextImageProcessorPil,
     ConvNextModel,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     MobileNetV2ImageProcessorPil,
@@ -161,6 +176,124 @@ def mobilenet_v2_backbone(**overrides):
     return model, mobilenet_v2_processor(config.image_size)
 
 
+def tiny_deit_config(**overrides) -> DeiTConfig:
+    settings = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        id2label=TINY_LABELS,
+    )
+    settings.update(overrides)
+    return DeiTConfig(**settings)
+
+
+def deit_classifier(**overrides):
+    config = tiny_deit_config(**overrides)
+    return randomise(DeiTForImageClassification(config)), vit_processor(config.image_size)
+
+
+def deit_distilled_classifier(**overrides):
+    """DeiT's distilled classifier: two heads (class and distillation tokens), logits averaged."""
+    config = tiny_deit_config(**overrides)
+    return randomise(DeiTForImageClassificationWithTeacher(config)), vit_processor(config.image_size)
+
+
+def deit_backbone(**overrides):
+    config = tiny_deit_config(**overrides)
+    return randomise(DeiTModel(config)), vit_processor(config.image_size)
+
+
+def tiny_dinov2_config(**overrides) -> Dinov2Config:
+    settings = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=2,
+        image_size=32,
+        patch_size=8,
+        id2label=TINY_LABELS,
+    )
+    settings.update(overrides)
+    return Dinov2Config(**settings)
+
+
+def dinov2_classifier(**overrides):
+    config = tiny_dinov2_config(**overrides)
+    return randomise(Dinov2ForImageClassification(config)), vit_processor(config.image_size)
+
+
+def dinov2_backbone(**overrides):
+    config = tiny_dinov2_config(**overrides)
+    return randomise(Dinov2Model(config)), vit_processor(config.image_size)
+
+
+CLIP_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over single letters (no merges), so every id lies inside the tiny text vocabulary:
+    letters 0-25, word-final letters 26-51, start of text 52, end of text (also padding) 53."""
+    vocab = {letter: index for index, letter in enumerate(CLIP_LETTERS)}
+    vocab |= {f"{letter}</w>": 26 + index for index, letter in enumerate(CLIP_LETTERS)}
+    vocab |= {"<|startoftext|>": 52, "<|endoftext|>": 53}
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """CLIP's own processor (resize the short side, centre crop) with CLIP's default statistics."""
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+def tiny_clip_vision_config(**overrides) -> dict:
+    settings = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    settings.update(overrides)
+    return settings
+
+
+def tiny_clip_config(vision: dict | None = None, **overrides) -> CLIPConfig:
+    text = dict(
+        vocab_size=54,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=52,
+        eos_token_id=53,
+        pad_token_id=53,
+    )
+    settings = dict(text_config=text, vision_config=tiny_clip_vision_config(**(vision or {})), projection_dim=16)
+    settings.update(overrides)
+    return CLIPConfig(**settings)
+
+
+def clip_zero_shot(vision: dict | None = None, **overrides):
+    """A tiny CLIPModel with its processor (letter tokenizer and image processor): a zero-shot classifier."""
+    config = tiny_clip_config(vision, **overrides)
+    processor = CLIPProcessor(
+        image_processor=clip_image_processor(config.vision_config.image_size), tokenizer=tiny_clip_tokenizer()
+    )
+    return randomise(CLIPModel(config)), processor
+
+
+def clip_classifier(vision: dict | None = None, **overrides):
+    config = tiny_clip_config(vision, id2label=TINY_LABELS, **overrides)
+    model = randomise(CLIPForImageClassification(config))
+    return model, clip_image_processor(config.vision_config.image_size)
+
+
+def clip_vision_backbone(**overrides):
+    config = CLIPVisionConfig(**tiny_clip_vision_config(**overrides))
+    return randomise(CLIPVisionModel(config)), clip_image_processor(config.image_size)
+
+
 FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, object]]] = {
     "vit": vit_classifier,
     "vit-backbone": vit_backbone,
@@ -170,6 +303,14 @@ FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, object]]] = {
     "resnet-backbone": resnet_backbone,
     "mobilenet_v2": mobilenet_v2_classifier,
     "mobilenet_v2-backbone": mobilenet_v2_backbone,
+    "deit": deit_classifier,
+    "deit-distilled": deit_distilled_classifier,
+    "deit-backbone": deit_backbone,
+    "dinov2": dinov2_classifier,
+    "dinov2-backbone": dinov2_backbone,
+    "clip": clip_zero_shot,
+    "clip-classifier": clip_classifier,
+    "clip_vision_model-backbone": clip_vision_backbone,
 }
 """Family name -> builder of a tiny source model and its processor (classification heads and backbones)."""
 

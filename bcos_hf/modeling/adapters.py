@@ -1,6 +1,9 @@
 """The registry of supported architectures: one adapter per transformers model type, registered here."""
 
+from .adapter_clip import CLIP_ADAPTER, CLIP_VISION_ADAPTER
 from .adapter_convnext import CONVNEXT_ADAPTER
+from .adapter_deit import DEIT_ADAPTER
+from .adapter_dinov2 import DINOV2_ADAPTER
 from .adapter_mobilenet_v2 import MOBILENET_V2_ADAPTER
 from .adapter_resnet import RESNET_ADAPTER
 from .adapter_vit import VIT_ADAPTER
@@ -13,6 +16,10 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
         CONVNEXT_ADAPTER,
         RESNET_ADAPTER,
         MOBILENET_V2_ADAPTER,
+        DEIT_ADAPTER,
+        DINOV2_ADAPTER,
+        CLIP_ADAPTER,
+        CLIP_VISION_ADAPTER,
     )
 }
 

@@ -65,10 +65,11 @@ class BcosConfig(PreTrainedConfig):
             raise ValueError(f"BcosConfig.b must be >= 1; got {self.b}.")
         if not float(self.logit_temperature) > 0:
             raise ValueError(f"BcosConfig.logit_temperature must be positive; got {self.logit_temperature}.")
-        if self.source_config.num_channels != 6:
+        channels = getattr(self.source_config, "vision_config", self.source_config).num_channels  # image-text
+        if channels != 6:
             raise ValueError(
                 "BcosConfig.source_config must describe the 6-channel network ([x, 1 - x] input encoding); "
-                f"got num_channels={self.source_config.num_channels}. Convert models with bcos_hf.convert."
+                f"got num_channels={channels}. Convert models with bcos_hf.convert."
             )
         # The label maps live on the source config (they size the classifier); mirror them at the top level,
         # where pipelines and users look for them.

@@ -83,7 +83,7 @@ def check_pixel_values(pixel_values: torch.Tensor | None) -> None:
 def build_network(config: BcosConfig, task: str) -> PreTrainedModel:
     """Build the source architecture from ``config.source_config`` and rewrite it the way the converter did."""
     adapter = get_adapter(config.source_config.model_type)
-    network_class = getattr(transformers, adapter.model_classes[task])
+    network_class = getattr(transformers, adapter.source_class(task, config.source_architecture))
     network = network_class(config.source_config)
     options = RewriteOptions(
         b=config.b, keep_bias=config.keep_bias, normalize_weights=config.normalize_weights, adapter=adapter
@@ -117,7 +117,7 @@ class BcosPreTrainedModel(PreTrainedModel):
         # without attention (ConvNeXt, ResNet, MobileNetV2) refuse every kernel choice: they keep their default.
         source_class = getattr(transformers, get_adapter(config.source_config.model_type).model_classes[self.task])
         if source_class._supports_sdpa:
-            config.source_config._attn_implementation_internal = config._attn_implementation
+            config.source_config._attn_implementation = config._attn_implementation
         if network is None:
             network = build_network(config, self.task)
         else:

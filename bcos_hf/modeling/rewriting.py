@@ -55,8 +55,11 @@ class ArchitectureAdapter:
 
     Attributes:
         model_type: ``config.model_type`` of the source checkpoints (e.g. ``"vit"``).
-        model_classes: transformers class per task: ``"base"`` (becomes ``BcosModel``) and
-            ``"image-classification"`` (becomes ``BcosForImageClassification``).
+        model_classes: transformers class per task: ``"base"`` (becomes ``BcosModel``),
+            ``"image-classification"`` (becomes ``BcosForImageClassification``) and
+            ``"zero-shot-image-classification"`` (image-text models; becomes ``BcosCLIPModel``).
+        variant_classes: further source classes that convert as one of those tasks (class name -> task),
+            e.g. DeiT's distilled classifier; a converted model rebuilds the class its config records.
         first_layer: path, inside the base model, of the convolution that sees the image; the input
             normalisation is folded into it and it is widened from 3 to 6 input channels.
         channel_attributes: paths, inside the base model, of attributes that record the input channel count
@@ -70,6 +73,8 @@ class ArchitectureAdapter:
         attention_value: names of the value projections: plain linear layers (attention is already linear
             in the values), biases dropped with the others.
         rules: extra rules for the architecture's own module types, by class name.
+        frozen: paths of submodules kept exactly as the source has them, with frozen parameters (the text
+            tower of an image-text model): the rewriting does not enter them.
         constant_tokens: path, inside the base model, of the embeddings module that adds constant tokens
             (position embeddings, class / distillation / register tokens) to the patch tokens; in explanation
             mode ``fold_constant_tokens`` makes them input-linear, value-identical (bcos.md §3.3).
@@ -79,14 +84,25 @@ class ArchitectureAdapter:
     model_type: str
     model_classes: dict[str, str]
     first_layer: str
+    variant_classes: dict[str, str] = field(default_factory=dict)
     channel_attributes: tuple[str, ...] = ()
     containers: frozenset[str] = frozenset()
     constant_parameters: frozenset[str] = frozenset()
     attention_query_key: frozenset[str] = frozenset()
     attention_value: frozenset[str] = frozenset()
     rules: dict[str, Rule] = field(default_factory=dict)
+    frozen: frozenset[str] = frozenset()
     constant_tokens: str | None = None
     pooling_note: str = ""
+
+    def task_of(self, class_name: str) -> str | None:
+        """The task a source class converts as, or None when this adapter does not convert it."""
+        tasks = {name: task for task, name in self.model_classes.items()} | self.variant_classes
+        return tasks.get(class_name)
+
+    def source_class(self, task: str, recorded: str | None = None) -> str:
+        """The class to rebuild for ``task``: the ``recorded`` source class when it is a variant of that task."""
+        return recorded if recorded and self.variant_classes.get(recorded) == task else self.model_classes[task]
 
 
 def _linear_rule(module: nn.Linear, path: str, options: RewriteOptions) -> nn.Module:
@@ -160,6 +176,9 @@ def bcosify(model: nn.Module, adapter: ArchitectureAdapter, options: RewriteOpti
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
             path = f"{prefix}.{name}" if prefix else name
+            if path in adapter.frozen:
+                child.requires_grad_(False)
+                continue
             rule = SHARED_RULES.get(type(child)) or adapter.rules.get(type(child).__name__)
             if rule is not None:
                 plan.append((parent, name, path, child, rule))
@@ -228,4 +247,4 @@ def fold_input_normalisation(
     for attribute_path in adapter.channel_attributes:
         owner_path, _, attribute = attribute_path.rpartition(".")
         setattr(base.get_submodule(owner_path), attribute, 6)
-    model.config.num_channels = 6
+    getattr(model.config, "vision_config", model.config).num_channels = 6  # image-text models: the vision config

@@ -1,0 +1,34 @@
+"""Configuration of B-cos CLIP models: a CLIP whose vision tower is B-cos and whose text tower is the original.
+
+Part of the remote-loadable model code: imports only transformers and siblings, with single dots.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .configuration_bcos import BcosConfig
+
+CLIP_REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_bcos_clip.BcosCLIPConfig",
+    "AutoModel": "modeling_bcos_clip.BcosCLIPModel",
+    "AutoModelForZeroShotImageClassification": "modeling_bcos_clip.BcosCLIPModel",
+}
+
+
+class BcosCLIPConfig(BcosConfig):
+    r"""Configuration of a [`BcosCLIPModel`]: the fields of [`BcosConfig`] with a [`CLIPConfig`] as source.
+
+    ``source_config`` is the source ``CLIPConfig`` with ``vision_config.num_channels=6``; ``b``, ``keep_bias``
+    and ``normalize_weights`` apply to the vision tower only (the text tower is the original, frozen).
+    ``logit_bias`` and ``logit_temperature`` are not used: CLIP's own learnt ``logit_scale`` scales the
+    image-text similarities.
+    """
+
+    model_type = "bcos_clip"
+    sub_configs_defaults = {"source_config": SubConfigSpec(config_class=AutoConfig, model_type="clip")}
+
+    def __post_init__(self, **kwargs):
+        kwargs.setdefault("auto_map", dict(CLIP_REMOTE_CODE_AUTO_MAP))
+        super().__post_init__(**kwargs)

@@ -1,0 +1,83 @@
+"""B-cos CLIP for zero-shot image classification: ``BcosCLIPModel``, on AutoModel and the zero-shot Auto class.
+
+The network is the source ``CLIPModel`` rewritten by the CLIP adapter: its vision tower (vision transformer
+and ``visual_projection``) is B-cos, its text tower is the original, frozen. The forward is CLIP's own, so
+``logits_per_image`` are ``logit_scale * cos(image embedding, text embedding)`` as in the source, and the
+zero-shot pipeline works unchanged (it calls ``model(**text_inputs, **image_inputs)``).
+
+Part of the remote-loadable model code: imports only torch, transformers and siblings, with single dots.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.clip.modeling_clip import CLIPOutput
+from transformers.utils.generic import can_return_tuple
+
+from .adapters import get_adapter
+from .configuration_bcos_clip import BcosCLIPConfig
+from .modeling_bcos import BcosPreTrainedModel
+
+
+class BcosCLIPModel(BcosPreTrainedModel):
+    """CLIP with a B-cos vision tower: image embeddings, text embeddings and their scaled cosine similarities."""
+
+    config: BcosCLIPConfig
+    config_class = BcosCLIPConfig
+    input_modalities = ("image", "text")
+    task = "zero-shot-image-classification"
+
+    def __init__(self, config: BcosCLIPConfig, network=None) -> None:
+        super().__init__(config, network)
+        self.post_init()
+
+    def freeze_text_tower(self) -> None:
+        """Freeze the submodules the adapter keeps original (``text_model``, ``text_projection``)."""
+        for path in get_adapter(self.config.source_config.model_type).frozen:
+            self.network.get_submodule(path).requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Load as transformers does, then freeze the text tower again: loading makes every weight trainable."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_text_tower()
+        return loaded
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs,
+    ) -> CLIPOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(num_texts, sequence_length)`):
+            Token ids from the CLIP tokenizer saved with the model.
+        pixel_values (`torch.Tensor` of shape `(batch, 3 or 6, height, width)`):
+            Images in [0, 1] without mean/std normalisation, or their `[x, 1 - x]` encoding.
+        return_loss (`bool`, *optional*): also return CLIP's contrastive loss.
+        kwargs: passed to the source CLIPModel (e.g. `output_hidden_states`, `interpolate_pos_encoding`).
+        """
+        return self.network(
+            input_ids=input_ids,
+            pixel_values=self.encode_pixels(pixel_values),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            return_loss=return_loss,
+            **kwargs,
+        )
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs):
+        """The B-cos vision tower's output; ``pooler_output`` holds the (unnormalised) image embeddings."""
+        return self.network.get_image_features(pixel_values=self.encode_pixels(pixel_values), **kwargs)
+
+    def get_text_features(self, input_ids: torch.Tensor, **kwargs):
+        """The original text tower's output; ``pooler_output`` holds the (unnormalised) text embeddings."""
+        return self.network.get_text_features(input_ids=input_ids, **kwargs)
+
+
+BcosCLIPConfig.register_for_auto_class()
+BcosCLIPModel.register_for_auto_class("AutoModelForZeroShotImageClassification")

@@ -1,0 +1,158 @@
+"""B-cos CLIP for zero-shot classification: only the vision tower is converted (issue 3).
+
+The tiny CLIP has a letter-level tokenizer whose ids lie inside its 54-token vocabulary (tests/families.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    pipeline,
+)
+
+from bcos_hf import BcosCLIPConfig, BcosCLIPModel, BcosLinear, UnsupportedModelError
+from bcos_hf.convert import IMAGE_TEXT_NOTE, convert
+
+from .conftest import run_without_bcos_hf
+from .families import FAMILIES, save_family
+
+LABELS = ["a photo of a cat", "a photo of a dog", "a car"]
+
+
+def random_images(batch: int, size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def clip_inputs(processor: CLIPProcessor, images: torch.Tensor) -> dict:
+    """Token ids for LABELS and the images, normalised the way the source CLIP expects them."""
+    inputs = processor.tokenizer(LABELS, padding=True, return_tensors="pt")
+    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    return dict(inputs, pixel_values=(images - mean) / std)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(vision=dict(hidden_act="gelu", image_size=24, patch_size=6), projection_dim=8),
+        dict(vision=dict(num_hidden_layers=3, num_attention_heads=2), logit_scale_init_value=1.0),
+    ],
+)
+def test_equivalence_mode_reproduces_image_embeddings_and_zero_shot_logits(tmp_path, overrides):
+    source, folder = save_family("clip", tmp_path / "source", **overrides)
+    conversion = convert(folder, tmp_path / "bcos", b=1, keep_bias=True)
+    assert conversion.report.equivalence_max_abs_diff < 1e-5
+    assert IMAGE_TEXT_NOTE in conversion.report.notes
+
+    processor = AutoProcessor.from_pretrained(folder)
+    images = random_images(2, source.config.vision_config.image_size)
+    inputs = clip_inputs(processor, images)
+    reloaded = AutoModelForZeroShotImageClassification.from_pretrained(tmp_path / "bcos")
+    with torch.no_grad():
+        expected = source(**inputs)
+        actual = reloaded(**dict(inputs, pixel_values=images))
+    torch.testing.assert_close(actual.image_embeds, expected.image_embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(actual.logits_per_image, expected.logits_per_image, rtol=0, atol=1e-5)
+    assert torch.equal(actual.text_embeds, expected.text_embeds)
+
+
+def test_bcos_mode_converts_the_vision_tower_only_and_reloads_identically(tmp_path):
+    source, folder = save_family("clip", tmp_path / "source")
+    model = convert(folder, tmp_path / "bcos").model
+    assert type(model) is BcosCLIPModel and type(model.config) is BcosCLIPConfig
+    assert type(model.network.visual_projection) is BcosLinear
+    assert any(isinstance(module, BcosLinear) for module in model.network.vision_model.modules())
+    assert not any(isinstance(module, BcosLinear) for module in model.network.text_model.modules())
+    text_parameters = [*model.network.text_model.parameters(), *model.network.text_projection.parameters()]
+    assert not any(parameter.requires_grad for parameter in text_parameters)
+    assert all(parameter.requires_grad for parameter in model.network.vision_model.parameters())
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "bcos")
+    images = random_images(2)
+    inputs = dict(processor.tokenizer(LABELS, padding=True, return_tensors="pt"), pixel_values=images)
+    reloaded = AutoModelForZeroShotImageClassification.from_pretrained(tmp_path / "bcos")
+    assert not any(parameter.requires_grad for parameter in reloaded.network.text_model.parameters())
+    with torch.no_grad():
+        outputs = model(**inputs)
+        assert torch.equal(reloaded(**inputs).logits_per_image, outputs.logits_per_image)
+        source_outputs = source(**clip_inputs(processor, images))
+        features = model.get_image_features(pixel_values=images).pooler_output
+    assert torch.equal(outputs.text_embeds, source_outputs.text_embeds)  # the text tower is the original
+    assert not torch.allclose(outputs.image_embeds, source_outputs.image_embeds, atol=1e-3)  # B = 2, no biases
+    torch.testing.assert_close(outputs.image_embeds, features / features.norm(dim=-1, keepdim=True))
+    assert outputs.logits_per_image.shape == (2, len(LABELS))
+
+
+def test_auto_classes_and_processor(tmp_path):
+    _, folder = save_family("clip", tmp_path / "source")
+    convert(folder, tmp_path / "bcos")
+    assert CONFIG_MAPPING["bcos_clip"] is BcosCLIPConfig
+    assert type(AutoConfig.from_pretrained(tmp_path / "bcos")) is BcosCLIPConfig
+    assert type(AutoModel.from_pretrained(tmp_path / "bcos")) is BcosCLIPModel
+    processor = AutoProcessor.from_pretrained(tmp_path / "bcos")
+    assert type(processor) is CLIPProcessor and processor.image_processor.do_normalize is False
+    pixel_values = processor(images=Image.new("RGB", (40, 30), (250, 0, 0)), return_tensors="pt").pixel_values
+    assert pixel_values.shape == (1, 3, 32, 32) and pixel_values.min() >= 0 and pixel_values.max() <= 1
+    with pytest.raises(UnsupportedModelError, match="already a B-cos model"):
+        convert(tmp_path / "bcos")
+
+
+def test_zero_shot_pipeline_on_a_converted_folder(tmp_path):
+    _, folder = save_family("clip", tmp_path / "source")
+    convert(folder, tmp_path / "bcos")
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path / "bcos"))
+    predictions = classifier(
+        [Image.new("RGB", (50, 40), (200, 30, 30)), Image.new("L", (20, 20), 128)], candidate_labels=["cat", "dog"]
+    )
+    for prediction in predictions:
+        assert {p["label"] for p in prediction} == {"cat", "dog"}
+        assert sum(p["score"] for p in prediction) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_remote_code_loads_model_processor_and_pipeline_without_bcos_hf(tmp_path):
+    _, folder = save_family("clip", tmp_path / "source")
+    model = convert(folder, tmp_path / "bcos").model
+    processor = AutoProcessor.from_pretrained(tmp_path / "bcos")
+    inputs = dict(processor.tokenizer(LABELS, padding=True, return_tensors="pt"), pixel_values=random_images(2))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        torch.save(model(**inputs).logits_per_image, tmp_path / "expected.pt")
+    result = run_without_bcos_hf(
+        f"""
+        import torch
+        from PIL import Image
+        from transformers import AutoModelForZeroShotImageClassification, AutoProcessor, pipeline
+        folder = {str(tmp_path / "bcos")!r}
+        model = AutoModelForZeroShotImageClassification.from_pretrained(folder, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(processor).__name__ == "CLIPProcessor" and not processor.image_processor.do_normalize
+        with torch.no_grad():
+            logits = model(**torch.load({str(tmp_path / "inputs.pt")!r})).logits_per_image
+        assert torch.equal(logits, torch.load({str(tmp_path / "expected.pt")!r}))
+        classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+        print(classifier(Image.new("RGB", (40, 40), (10, 200, 10)), candidate_labels=["cat", "dog"])[0]["label"])
+        """,
+        hf_home=tmp_path / "hf_home",
+    )
+    assert result.stdout.strip().splitlines()[-1] in {"cat", "dog"}
+
+
+def test_in_memory_clip_converts_without_a_tokenizer_and_says_so(tmp_path):
+    source, processor = FAMILIES["clip"]()
+    conversion = convert(source, tmp_path / "bcos", image_processor=processor.image_processor)
+    assert type(source.visual_projection) is torch.nn.Linear  # the source is left as it was
+    assert conversion.processor is None
+    assert any("no processor with a tokenizer" in note for note in conversion.report.notes)
+    assert type(AutoModelForZeroShotImageClassification.from_pretrained(tmp_path / "bcos")) is BcosCLIPModel
+    assert isinstance(source, CLIPModel)
