@@ -371,6 +371,26 @@ class BcosTrainer(Trainer):
         self.accelerator.unscale_gradients()  # fp16: clip the true gradients, not the loss-scaled ones
         return adaptive_clip_grad_(model.parameters(), self.args.clip_factor, self.args.clip_eps)
 
+    # Checkpoints -----------------------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load a checkpoint's weights the way ``from_pretrained`` does.
+
+        The Trainer loads ``model.safetensors`` with ``load_state_dict(strict=False)``, but transformers 5 saves
+        some architectures (ViT among them) under their v4 key names and renames them only in
+        ``from_pretrained``: the renamed weights would silently keep their pre-resume values.
+        """
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _has_safetensors(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _load_weights(model or self.model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end`` through ``from_pretrained`` too (see ``_load_from_checkpoint``)."""
+        best = self.state.best_model_checkpoint
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not _has_safetensors(best):
+            return super()._load_best_model()
+        _load_weights(self.model, best)
+
     # Hub -------------------------------------------------------------------------------------------------
 
     def create_model_card(self, model_name: str | None = None, **kwargs) -> None:
@@ -396,3 +416,13 @@ class BcosTrainer(Trainer):
             fine_tuned=True,
         )
         (output_dir / "README.md").write_text(card)
+
+
+def _has_safetensors(folder: str | None) -> bool:
+    return folder is not None and any(Path(folder).glob("model*.safetensors"))
+
+
+def _load_weights(model: PreTrainedModel, folder: str) -> None:
+    """Copy the weights saved in ``folder`` into ``model``, every key mapped as ``from_pretrained`` maps it."""
+    saved = type(model).from_pretrained(folder, dtype=model.dtype)
+    model.load_state_dict(saved.state_dict(), strict=True)

@@ -1,0 +1,50 @@
+"""Multi-process training: ``torchrun`` with 2 CPU processes (gloo DDP) runs BcosTrainer unchanged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .train_tiny import load, main, save_tiny_bcos
+
+SCRIPT = Path(__file__).with_name("train_tiny.py")
+
+
+def run_script(*args: str, launcher: list[str] | None = None, timeout: int = 240) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    command = [*(launcher or [sys.executable]), str(SCRIPT), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+
+
+def train_in_process(*args: str) -> None:
+    """The reference run, in this process (saves an interpreter start-up)."""
+    threads = torch.get_num_threads()
+    try:
+        main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    model_dir = save_tiny_bcos(tmp_path / "model")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    run_script(str(model_dir), str(tmp_path / "ddp"), "--max_steps", "3", "--batch_size", "4", launcher=torchrun)
+    train_in_process(str(model_dir), str(tmp_path / "single"), "--max_steps", "3", "--batch_size", "8")
+
+    rank0 = load_file(tmp_path / "ddp" / "final-rank0.safetensors")
+    rank1 = load_file(tmp_path / "ddp" / "final-rank1.safetensors")
+    single = load_file(tmp_path / "single" / "final-rank0.safetensors")
+    start = load(model_dir).state_dict()
+    assert rank0.keys() == rank1.keys() == single.keys() == start.keys()
+    for name in rank0:
+        torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=f"ranks differ: {name}")
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6, msg=f"DDP != 1 process: {name}")
+    assert any(not torch.equal(rank0[name], start[name]) for name in rank0)  # it did train
