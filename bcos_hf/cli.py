@@ -52,11 +52,106 @@ def _run_convert(args: argparse.Namespace) -> None:
     )
 
 
+def _add_explain(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "explain",
+        help="Explain a B-cos classifier's predictions on images: PNG pictures and a JSON summary.",
+        description="Writes <image>_explanation.png (the coloured B-cos explanation, RGBA) and "
+        "<image>_heatmap.png (contributions: red positive, blue negative) per image, and summary.json.",
+    )
+    parser.add_argument("model", help="folder (or hub id) of a converted B-cos image classifier")
+    parser.add_argument("images", nargs="+", help="image paths or URLs")
+    parser.add_argument("--out", required=True, help="folder to write the pictures and summary.json to")
+    parser.add_argument("--target", default=None, help="label name or class index to explain (default: predicted)")
+    parser.add_argument("--with-image", action="store_true", help="put each image left of its explanation")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward/backward (default 8)")
+    parser.set_defaults(handler=_run_explain)
+
+
+def _run_explain(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from transformers import pipeline
+
+    target = int(args.target) if args.target is not None and args.target.isdigit() else args.target
+    explainer = pipeline("image-explanation", model=args.model)
+    results = explainer(args.images, target=target, with_image=args.with_image, batch_size=args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary, used = [], set()
+    for image, result in zip(args.images, results, strict=True):
+        name = Path(image.split("?")[0]).stem or "image"
+        name = name if name not in used else f"{name}_{len(used)}"
+        used.add(name)
+        result["explanation"].save(out / f"{name}_explanation.png")
+        result["heatmap"].save(out / f"{name}_heatmap.png")
+        entry = {key: result[key] for key in ("label", "score", "target", "logit", "residual")}
+        entry.update(image=image, explanation=f"{name}_explanation.png", heatmap=f"{name}_heatmap.png")
+        summary.append(entry)
+        print(f"{image}: {result['label']} ({result['score']:.3f}); explained {result['target']} -> {out / name}_*.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _add_localisation(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "localisation",
+        help="Grid pointing game (GridPG) of a B-cos classifier's explanations and post-hoc baselines.",
+        description="Tiles confidently classified images of distinct classes into grids and scores how much "
+        "positive attribution each class puts in its own cell (1 = perfect, 1/n^2 = chance).",
+    )
+    parser.add_argument("model", help="folder (or hub id) of a converted B-cos image classifier")
+    parser.add_argument("dataset", help="imagefolder tree (one folder per class) or a save_to_disk dataset")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--grid", type=int, nargs="+", default=[2, 3], help="cells per side (default: 2 3)")
+    parser.add_argument("--num-grids", type=int, default=500, help="grids per size (default 500)")
+    parser.add_argument("--methods", nargs="+", default=["bcos", "ixg", "gradcam"], help="bcos, ixg, gradcam, random")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the grid sampling (default 0)")
+    parser.add_argument("--confidence", type=float, default=0.5, help="sigmoid(logit) threshold (default 0.5)")
+    parser.add_argument("--smoothing", type=int, default=15, help="average-pooling window, 1 = none (default 15)")
+    parser.add_argument(
+        "--sliding-window", choices=["auto", "on", "off"], default="auto", help="auto: for position-embedding models"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward/backward (default 32)")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.set_defaults(handler=_run_localisation)
+
+
+def _run_localisation(args: argparse.Namespace) -> None:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .localisation import ImageDataset, format_results, grid_pointing_game, save_results
+
+    model = AutoModelForImageClassification.from_pretrained(args.model).eval()
+    data = ImageDataset(args.dataset, AutoImageProcessor.from_pretrained(args.model), args.split)
+    sliding = {"auto": None, "on": True, "off": False}[args.sliding_window]
+    results = []
+    for grid in args.grid:
+        scores = grid_pointing_game(
+            model,
+            data,
+            grid=grid,
+            num_grids=args.num_grids,
+            methods=args.methods,
+            seed=args.seed,
+            confidence=args.confidence,
+            smoothing=args.smoothing,
+            sliding_window=sliding,
+            batch_size=args.batch_size,
+        )
+        results.extend(scores.values())
+    print(format_results(results))
+    if args.out:
+        save_results(results, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bcos-hf", description="B-cos models for Hugging Face transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_convert(subparsers)
+    _add_explain(subparsers)
+    _add_localisation(subparsers)
     return parser
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .modeling.bcos_layers import explanation_mode
 from .modeling.explanation_bcos import explain_scores
 
 Attribution = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,11 +43,33 @@ def bcos_attribution(model: nn.Module, images: torch.Tensor, targets: torch.Tens
 
 
 def input_x_gradient(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Post-hoc baseline: input x gradient of the logit with explanation mode off (the plain gradient)."""
-    explanation = explain_scores(
-        model, images, lambda encoded: model(pixel_values=encoded).logits, targets, dynamic_linear=False
-    )
-    return explanation.contributions
+    """Post-hoc baseline: input x gradient of the logit, explanation mode off (the plain gradient).
+
+    On a B-cos model the input is the encoded image ``[x, 1 - x]``, as for its explanation; any other image
+    classifier (e.g. the source model, on its normalised pixels) works too.
+    """
+    if hasattr(model, "encode_pixels"):
+        explanation = explain_scores(
+            model, images, lambda encoded: model(pixel_values=encoded).logits, targets, dynamic_linear=False
+        )
+        return explanation.contributions
+    images = images.detach().requires_grad_(True)
+    with _post_hoc(model):
+        logits = model(pixel_values=images).logits
+        (gradients,) = torch.autograd.grad(logits.gather(1, targets[:, None].to(logits.device)).sum(), images)
+    return (images.detach() * gradients).sum(dim=1)
+
+
+@contextmanager
+def _post_hoc(model: nn.Module) -> Iterator[None]:
+    """Eval mode, gradients on and (for B-cos models) explanation mode off; the training flag is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), explanation_mode(model, False):
+            yield
+    finally:
+        model.train(was_training)
 
 
 def random_attribution(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -88,8 +112,8 @@ def last_feature_layer(model: nn.Module, images: torch.Tensor) -> str:
 
     handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
     try:
-        with torch.enable_grad(), model.explanation_mode(False):
-            logits = model(pixel_values=images[:1]).logits
+        with _post_hoc(model):
+            logits = model(pixel_values=images[:1].detach().requires_grad_(True)).logits
             names = list(captured)
             gradients = torch.autograd.grad(logits.sum(), [captured[n] for n in names], allow_unused=True)
     finally:
@@ -114,16 +138,13 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, laye
     layer = layer or last_feature_layer(model, images[:1])
     captured: list[torch.Tensor] = []
     handle = model.get_submodule(layer).register_forward_hook(lambda module, args, output: captured.append(output))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad(), model.explanation_mode(False):
-            logits = model(pixel_values=images).logits
+        with _post_hoc(model):
+            logits = model(pixel_values=images.detach().requires_grad_(True)).logits
             selected = logits.gather(1, targets.to(logits.device)[:, None]).sum()
             (gradients,) = torch.autograd.grad(selected, captured[0])
     finally:
         handle.remove()
-        model.train(was_training)
     height, width = images.shape[2:]
     activations = _feature_map(captured[0].detach(), height, width).float()
     gradients = _feature_map(gradients, height, width).float()

@@ -8,7 +8,8 @@ embedding, text embedding)`` are a fixed linear map of the normalised image embe
 Pooling: CLIPModel and CLIPVisionModel read the class token after ``post_layernorm`` (then the projection);
 CLIPForImageClassification averages the patch tokens of the last layer (no final norm), as in the source.
 The class embedding and the position embedding table (an ``nn.Embedding`` looked up at fixed positions) are
-constants kept as they are.
+constants kept as they are; explanation mode folds them into input-linear form (``constant_tokens``), so
+contributions add up to the logit.
 """
 
 from torch import nn
@@ -39,6 +40,7 @@ CLIP_ADAPTER = ArchitectureAdapter(
         "image-classification": "CLIPForImageClassification",
     },
     first_layer="vision_model.embeddings.patch_embedding",
+    constant_tokens="vision_model.embeddings",
     frozen=frozenset({"text_model", "text_projection"}),
     pooling_note=(
         "CLIPModel: the class token after post_layernorm, projected by visual_projection, is the image "
@@ -51,6 +53,7 @@ CLIP_VISION_ADAPTER = ArchitectureAdapter(
     model_type="clip_vision_model",
     model_classes={"base": "CLIPVisionModel"},
     first_layer="embeddings.patch_embedding",
+    constant_tokens="embeddings",
     pooling_note="The pooled output is the class token after post_layernorm, as in the source CLIPVisionModel.",
     **VISION_SETTINGS,
 )

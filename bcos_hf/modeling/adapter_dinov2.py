@@ -7,7 +7,9 @@ a container whose bare parameter ``lambda1`` is declared constant). Drop path is
 and a per-sample 0/1 scaling in training, so it passes through too. The SwiGLU feed-forward of the largest
 checkpoints, ``down(silu(gate(x)) * up(x))``, would be quadratic in the input with both branches B-cos:
 ``gate_proj`` stays a plain linear layer detached in explanation mode, like attention queries and keys, so
-``silu(gate(x))`` acts as an input-dependent weight on the B-cos ``up_proj`` branch.
+``silu(gate(x))`` acts as an input-dependent weight on the B-cos ``up_proj`` branch. The class token and the
+(interpolated) position embeddings are constants; explanation mode folds them into input-linear form
+(``constant_tokens``), so contributions add up to the logit.
 """
 
 from .rewriting import ArchitectureAdapter
@@ -34,6 +36,7 @@ DINOV2_ADAPTER = ArchitectureAdapter(
     constant_parameters=frozenset({"cls_token", "mask_token", "position_embeddings", "lambda1"}),
     attention_query_key=frozenset({"q_proj", "k_proj", "gate_proj"}),
     attention_value=frozenset({"v_proj"}),
+    constant_tokens="embeddings",
     pooling_note=(
         "The classifier reads the class token and the mean of the patch tokens after the final LayerNorm, "
         "concatenated, as in the source DINOv2."

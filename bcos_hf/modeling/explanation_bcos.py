@@ -202,6 +202,37 @@ def explain(model: nn.Module, pixel_values: torch.Tensor, target: Target = None,
     return explain_scores(model, pixel_values, pooled_features, target)
 
 
+def explain_image_text(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    image_embeddings: Callable[[torch.Tensor], torch.Tensor],
+    text_embeddings: torch.Tensor,
+    logit_scale: float,
+    target: Target = None,
+    prompts: Sequence[str] | None = None,
+    logit_bias: float = 0.0,
+) -> BcosExplanation:
+    """Explain CLIP-style similarities ``logit_scale * cos(image embedding, text embedding) + logit_bias``.
+
+    The text embeddings are constants for the image. The image embedding is dynamic linear, and its norm is a
+    dynamic scale detached like every other one, so the contributions add up to the similarity (minus SigLIP's
+    ``logit_bias``, reported like a classifier's). ``target``: None (the best-matching prompt), a prompt index
+    or prompt string for all images, or one per image.
+    """
+    text = F.normalize(text_embeddings.detach().float(), dim=-1)
+
+    def similarities(encoded: torch.Tensor) -> torch.Tensor:
+        image = image_embeddings(encoded).float()
+        cosines = (image / image.norm(dim=-1, keepdim=True).detach()) @ text.T.to(image.device)
+        return logit_scale * cosines + logit_bias
+
+    id2label = dict(enumerate(prompts)) if prompts is not None else None
+    label2id = {prompt: index for index, prompt in enumerate(prompts)} if prompts is not None else None
+    return explain_scores(
+        model, pixel_values, similarities, target, label2id=label2id, id2label=id2label, score_offset=logit_bias
+    )
+
+
 def _to_numpy(images: torch.Tensor) -> np.ndarray:
     return images.detach().cpu().float().numpy()
 

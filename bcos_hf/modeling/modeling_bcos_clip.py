@@ -16,6 +16,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .adapters import get_adapter
 from .configuration_bcos_clip import BcosCLIPConfig
+from .explanation_bcos import BcosExplanation, Target, explain_image_text
 from .modeling_bcos import BcosPreTrainedModel
 
 
@@ -77,6 +78,48 @@ class BcosCLIPModel(BcosPreTrainedModel):
     def get_text_features(self, input_ids: torch.Tensor, **kwargs):
         """The original text tower's output; ``pooler_output`` holds the (unnormalised) text embeddings."""
         return self.network.get_text_features(input_ids=input_ids, **kwargs)
+
+    def explain(
+        self,
+        pixel_values: torch.Tensor,
+        target: Target = None,
+        *,
+        text: list[str] | None = None,
+        tokenizer=None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> BcosExplanation:
+        """Explain the image-text similarities (``logits_per_image``) for the prompts ``text``.
+
+        One forward and one backward for the batch; the contributions add up to ``logit_scale * cos`` (SigLIP's
+        logit bias is left out, like a classifier's). ``target``: None (the best-matching prompt), a prompt
+        (string or index) for all images, or one per image. The prompts are tokenised with ``tokenizer``
+        (default: the one saved with the model), or pass ``input_ids`` (and ``attention_mask``) instead.
+        """
+        if input_ids is None:
+            if not text or isinstance(text, str):
+                raise ValueError(
+                    'Pass the prompts to explain as a list, e.g. text=["a photo of a cat", "a photo of a dog"].'
+                )
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+            tokens = tokenizer(list(text), padding=True, return_tensors="pt")
+            input_ids, attention_mask = tokens["input_ids"], tokens.get("attention_mask")
+        with torch.no_grad():
+            mask = None if attention_mask is None else attention_mask.to(self.device)
+            text_embeddings = self.get_text_features(input_ids=input_ids.to(self.device), attention_mask=mask)
+        return explain_image_text(
+            self,
+            pixel_values,
+            lambda encoded: self.network.get_image_features(pixel_values=encoded).pooler_output,
+            text_embeddings.pooler_output,
+            float(self.network.logit_scale.exp()),
+            target,
+            prompts=list(text) if text is not None else None,
+            logit_bias=float(getattr(self.network, "logit_bias", None) or 0.0),  # SigLIP's; CLIP has none
+        )
 
 
 BcosCLIPConfig.register_for_auto_class()
