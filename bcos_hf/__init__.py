@@ -1,7 +1,7 @@
 """bcos_hf: turn pretrained Hugging Face vision models into B-cos models, on the transformers Auto classes.
 
 ``import bcos_hf`` registers the B-cos config and model classes with ``AutoConfig``, ``AutoModel``,
-``AutoModelForImageClassification`` and (B-cos CLIP) ``AutoModelForZeroShotImageClassification`` and
+``AutoModelForImageClassification`` and (B-cos CLIP, SigLIP) ``AutoModelForZeroShotImageClassification`` and
 ``AutoProcessor``, so ``from_pretrained`` on a converted folder returns bcos_hf classes.
 """
 
@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
     CLIPProcessor,
+    SiglipProcessor,
 )
 
 from .modeling.adapters import ADAPTERS, get_adapter
@@ -29,9 +30,9 @@ from .modeling.bcos_layers import (
     explanation_mode,
 )
 from .modeling.configuration_bcos import BcosConfig
-from .modeling.configuration_bcos_clip import BcosCLIPConfig
+from .modeling.configuration_bcos_clip import BcosCLIPConfig, BcosSiglipConfig
 from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
-from .modeling.modeling_bcos_clip import BcosCLIPModel
+from .modeling.modeling_bcos_clip import BcosCLIPModel, BcosSiglipModel
 from .modeling.rewriting import ArchitectureAdapter, UnsupportedModelError
 from .pipelines import ImageExplanationPipeline, register_pipeline
 
@@ -48,6 +49,10 @@ AutoConfig.register(BcosCLIPConfig.model_type, BcosCLIPConfig, exist_ok=True)
 AutoModel.register(BcosCLIPConfig, BcosCLIPModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(BcosCLIPConfig, BcosCLIPModel, exist_ok=True)
 AutoProcessor.register(BcosCLIPConfig, CLIPProcessor, exist_ok=True)
+AutoConfig.register(BcosSiglipConfig.model_type, BcosSiglipConfig, exist_ok=True)
+AutoModel.register(BcosSiglipConfig, BcosSiglipModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(BcosSiglipConfig, BcosSiglipModel, exist_ok=True)
+AutoProcessor.register(BcosSiglipConfig, SiglipProcessor, exist_ok=True)
 
 __all__ = [
     "ADAPTERS",
@@ -62,6 +67,8 @@ __all__ = [
     "BcosLinear",
     "BcosModel",
     "BcosPreTrainedModel",
+    "BcosSiglipConfig",
+    "BcosSiglipModel",
     "DetachableActivation",
     "DetachableLinear",
     "ImageExplanationPipeline",

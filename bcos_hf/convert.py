@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, PreTrain
 from .model_card import render_model_card
 from .modeling.adapters import get_adapter
 from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
-from .modeling.modeling_bcos_clip import BcosCLIPModel
+from .modeling.modeling_bcos_clip import BcosCLIPModel, BcosSiglipModel
 from .modeling.rewriting import (
     ArchitectureAdapter,
     RewriteOptions,
@@ -43,6 +43,7 @@ BCOS_CLASSES: dict[str, type[BcosPreTrainedModel]] = {
     "base": BcosModel,
     "image-classification": BcosForImageClassification,
     "zero-shot-image-classification": BcosCLIPModel,
+    "zero-shot-image-classification-sigmoid": BcosSiglipModel,
 }
 """The B-cos class a source model becomes, by the task its adapter lists it under (``model_classes``)."""
 

@@ -37,6 +37,11 @@ from transformers import (
     ResNetConfig,
     ResNetForImageClassification,
     ResNetModel,
+    SiglipConfig,
+    SiglipForImageClassification,
+    SiglipImageProcessorPil,
+    SiglipModel,
+    SiglipProcessor,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessorPil,
@@ -294,6 +299,47 @@ def clip_vision_backbone(**overrides):
     return randomise(CLIPVisionModel(config)), clip_image_processor(config.image_size)
 
 
+def tiny_siglip_config(vision: dict | None = None, **overrides) -> SiglipConfig:
+    """Text positions for the 64 tokens SigLIP's zero-shot pipeline pads to; the letter tokenizer's ids."""
+    text = dict(
+        vocab_size=54,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=52,
+        eos_token_id=53,
+        pad_token_id=53,
+    )
+    vision_config = tiny_clip_vision_config(**(vision or {}))
+    text["projection_size"] = vision_config["hidden_size"]  # text and image embeddings share one space
+    settings = dict(text_config=text, vision_config=vision_config)
+    settings.update(overrides)
+    return SiglipConfig(**settings)
+
+
+def siglip_image_processor(image_size: int) -> SiglipImageProcessorPil:
+    """SigLIP's own processor: resize to a square, normalise with mean 0.5 and std 0.5."""
+    return SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
+def siglip_zero_shot(vision: dict | None = None, **overrides):
+    """A tiny SiglipModel (attention-pooling head) with a processor pairing its image processor and the letter
+    tokenizer (SigLIP's own tokenizer needs a sentencepiece model)."""
+    config = tiny_siglip_config(vision, **overrides)
+    processor = SiglipProcessor(
+        image_processor=siglip_image_processor(config.vision_config.image_size), tokenizer=tiny_clip_tokenizer()
+    )
+    return randomise(SiglipModel(config)), processor
+
+
+def siglip_classifier(vision: dict | None = None, **overrides):
+    config = tiny_siglip_config(vision, id2label=TINY_LABELS, **overrides)
+    model = randomise(SiglipForImageClassification(config))
+    return model, siglip_image_processor(config.vision_config.image_size)
+
+
 FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, object]]] = {
     "vit": vit_classifier,
     "vit-backbone": vit_backbone,
@@ -311,6 +357,8 @@ FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, object]]] = {
     "clip": clip_zero_shot,
     "clip-classifier": clip_classifier,
     "clip_vision_model-backbone": clip_vision_backbone,
+    "siglip": siglip_zero_shot,
+    "siglip-classifier": siglip_classifier,
 }
 """Family name -> builder of a tiny source model and its processor (classification heads and backbones)."""
 

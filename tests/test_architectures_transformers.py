@@ -1,6 +1,6 @@
-"""DeiT, DINOv2 and CLIP's vision tower: the converter's guarantees on tiny configs built in code (issue 3).
+"""DeiT, DINOv2, and CLIP's and SigLIP's vision towers: the converter's guarantees on tiny configs (issue 3).
 
-CLIPModel itself (zero-shot, with its text tower) is covered in test_clip.py.
+CLIPModel and SiglipModel themselves (zero-shot, with their text towers) are covered in test_clip.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from bcos_hf.convert import convert
 from .conftest import run_without_bcos_hf
 from .families import FAMILIES, IMAGE_MEAN, IMAGE_STD, save_family
 
-CLASSIFIERS = ("deit", "deit-distilled", "dinov2", "clip-classifier")
+CLASSIFIERS = ("deit", "deit-distilled", "dinov2", "clip-classifier", "siglip-classifier")
 BACKBONES = ("deit-backbone", "dinov2-backbone", "clip_vision_model-backbone")
 
 
@@ -45,6 +45,7 @@ def random_images(batch: int, size: int = 32, seed: int = 1) -> torch.Tensor:
         ("dinov2-backbone", dict(use_swiglu_ffn=True, hidden_act="silu")),
         ("clip-classifier", dict()),
         ("clip-classifier", dict(vision=dict(hidden_act="gelu", image_size=24, patch_size=6))),
+        ("siglip-classifier", dict(vision=dict(image_size=24, patch_size=6))),
         ("clip_vision_model-backbone", dict()),
         ("clip_vision_model-backbone", dict(hidden_act="gelu_new", num_hidden_layers=3)),
     ],

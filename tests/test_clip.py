@@ -1,6 +1,6 @@
-"""B-cos CLIP for zero-shot classification: only the vision tower is converted (issue 3).
+"""B-cos CLIP and SigLIP for zero-shot classification: only the vision tower is converted (issue 3).
 
-The tiny CLIP has a letter-level tokenizer whose ids lie inside its 54-token vocabulary (tests/families.py).
+The tiny models share a letter-level tokenizer whose ids lie inside their 54-token vocabulary (tests/families.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,16 @@ from transformers import (
     pipeline,
 )
 
-from bcos_hf import BcosCLIPConfig, BcosCLIPModel, BcosLinear, UnsupportedModelError
+from bcos_hf import (
+    BcosCLIPConfig,
+    BcosCLIPModel,
+    BcosLinear,
+    BcosSiglipModel,
+    UnsupportedModelError,
+    explanation_mode,
+)
 from bcos_hf.convert import IMAGE_TEXT_NOTE, convert
+from bcos_hf.modeling.adapter_siglip import BcosMultiheadAttention
 
 from .conftest import run_without_bcos_hf
 from .families import FAMILIES, save_family
@@ -32,24 +40,28 @@ def random_images(batch: int, size: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def clip_inputs(processor: CLIPProcessor, images: torch.Tensor) -> dict:
-    """Token ids for LABELS and the images, normalised the way the source CLIP expects them."""
-    inputs = processor.tokenizer(LABELS, padding=True, return_tensors="pt")
+def clip_inputs(processor: CLIPProcessor, images: torch.Tensor, **padding) -> dict:
+    """Token ids for LABELS and the images, normalised the way the source model expects them."""
+    inputs = processor.tokenizer(LABELS, padding=padding.pop("padding", True), return_tensors="pt", **padding)
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
     return dict(inputs, pixel_values=(images - mean) / std)
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("family", "overrides"),
     [
-        dict(),
-        dict(vision=dict(hidden_act="gelu", image_size=24, patch_size=6), projection_dim=8),
-        dict(vision=dict(num_hidden_layers=3, num_attention_heads=2), logit_scale_init_value=1.0),
+        ("clip", dict()),
+        (
+            "clip",
+            dict(vision=dict(hidden_act="gelu", image_size=24, patch_size=6, num_hidden_layers=3), projection_dim=8),
+        ),
+        ("siglip", dict()),
+        ("siglip", dict(vision=dict(hidden_act="gelu", image_size=24, patch_size=6, num_attention_heads=2))),
     ],
 )
-def test_equivalence_mode_reproduces_image_embeddings_and_zero_shot_logits(tmp_path, overrides):
-    source, folder = save_family("clip", tmp_path / "source", **overrides)
+def test_equivalence_mode_reproduces_image_embeddings_and_zero_shot_logits(tmp_path, family, overrides):
+    source, folder = save_family(family, tmp_path / "source", **overrides)
     conversion = convert(folder, tmp_path / "bcos", b=1, keep_bias=True)
     assert conversion.report.equivalence_max_abs_diff < 1e-5
     assert IMAGE_TEXT_NOTE in conversion.report.notes
@@ -93,7 +105,7 @@ def test_bcos_mode_converts_the_vision_tower_only_and_reloads_identically(tmp_pa
     assert outputs.logits_per_image.shape == (2, len(LABELS))
 
 
-def test_auto_classes_and_processor(tmp_path):
+def test_auto_classes_processor_and_zero_shot_pipeline(tmp_path):
     _, folder = save_family("clip", tmp_path / "source")
     convert(folder, tmp_path / "bcos")
     assert CONFIG_MAPPING["bcos_clip"] is BcosCLIPConfig
@@ -106,10 +118,6 @@ def test_auto_classes_and_processor(tmp_path):
     with pytest.raises(UnsupportedModelError, match="already a B-cos model"):
         convert(tmp_path / "bcos")
 
-
-def test_zero_shot_pipeline_on_a_converted_folder(tmp_path):
-    _, folder = save_family("clip", tmp_path / "source")
-    convert(folder, tmp_path / "bcos")
     classifier = pipeline("zero-shot-image-classification", model=str(tmp_path / "bcos"))
     predictions = classifier(
         [Image.new("RGB", (50, 40), (200, 30, 30)), Image.new("L", (20, 20), 128)], candidate_labels=["cat", "dog"]
@@ -120,32 +128,73 @@ def test_zero_shot_pipeline_on_a_converted_folder(tmp_path):
 
 
 def test_remote_code_loads_model_processor_and_pipeline_without_bcos_hf(tmp_path):
-    _, folder = save_family("clip", tmp_path / "source")
-    model = convert(folder, tmp_path / "bcos").model
-    processor = AutoProcessor.from_pretrained(tmp_path / "bcos")
-    inputs = dict(processor.tokenizer(LABELS, padding=True, return_tensors="pt"), pixel_values=random_images(2))
-    torch.save(inputs, tmp_path / "inputs.pt")
-    with torch.no_grad():
-        torch.save(model(**inputs).logits_per_image, tmp_path / "expected.pt")
+    families = {"clip": "CLIPProcessor", "siglip": "SiglipProcessor"}
+    for family in families:
+        _, folder = save_family(family, tmp_path / f"{family}-source")
+        model = convert(folder, tmp_path / family).model
+        processor = AutoProcessor.from_pretrained(tmp_path / family)
+        inputs = dict(processor.tokenizer(LABELS, padding=True, return_tensors="pt"), pixel_values=random_images(2))
+        torch.save(inputs, tmp_path / f"{family}-inputs.pt")
+        with torch.no_grad():
+            torch.save(model(**inputs).logits_per_image, tmp_path / f"{family}-expected.pt")
     result = run_without_bcos_hf(
         f"""
         import torch
         from PIL import Image
         from transformers import AutoModelForZeroShotImageClassification, AutoProcessor, pipeline
-        folder = {str(tmp_path / "bcos")!r}
-        model = AutoModelForZeroShotImageClassification.from_pretrained(folder, trust_remote_code=True)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-        assert type(processor).__name__ == "CLIPProcessor" and not processor.image_processor.do_normalize
-        with torch.no_grad():
-            logits = model(**torch.load({str(tmp_path / "inputs.pt")!r})).logits_per_image
-        assert torch.equal(logits, torch.load({str(tmp_path / "expected.pt")!r}))
-        classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
-        print(classifier(Image.new("RGB", (40, 40), (10, 200, 10)), candidate_labels=["cat", "dog"])[0]["label"])
+        for family, processor_class in {families!r}.items():
+            folder = {str(tmp_path)!r} + "/" + family
+            model = AutoModelForZeroShotImageClassification.from_pretrained(folder, trust_remote_code=True)
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+            assert type(processor).__name__ == processor_class and not processor.image_processor.do_normalize
+            with torch.no_grad():
+                logits = model(**torch.load(folder + "-inputs.pt")).logits_per_image
+            assert torch.equal(logits, torch.load(folder + "-expected.pt")), family
+            classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+            image = Image.new("RGB", (40, 40), (10, 200, 10))
+            print(family, classifier(image, candidate_labels=["cat", "dog"])[0]["label"])
         """,
         hf_home=tmp_path / "hf_home",
     )
-    assert result.stdout.strip().splitlines()[-1] in {"cat", "dog"}
+    lines = [line.split() for line in result.stdout.strip().splitlines()[-2:]]
+    assert [family for family, _ in lines] == ["clip", "siglip"] and all(label in {"cat", "dog"} for _, label in lines)
+
+
+def test_siglip_keeps_its_sigmoid_zero_shot_semantics_and_attention_pooling(tmp_path):
+    _, folder = save_family("siglip", tmp_path / "source")
+    model = convert(folder, tmp_path / "bcos").model
+    assert type(model) is BcosSiglipModel and model.config.model_type == "bcos_siglip"
+    assert type(model.network.vision_model.head.attention) is BcosMultiheadAttention
+    assert not any(parameter.requires_grad for parameter in model.network.text_model.parameters())
+
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path / "bcos"))
+    scores = {p["label"]: p["score"] for p in classifier(image, candidate_labels=["cat", "dog"])}
+    processor = AutoProcessor.from_pretrained(tmp_path / "bcos")
+    # SigLIP's pipeline pads prompts to 64 tokens and scores each with a sigmoid (no softmax over labels).
+    texts = processor.tokenizer(
+        ["This is a photo of cat.", "This is a photo of dog."], padding="max_length", max_length=64, return_tensors="pt"
+    )
+    with torch.no_grad():
+        logits = model(**texts, pixel_values=processor(images=image, return_tensors="pt").pixel_values).logits_per_image
+    torch.testing.assert_close(torch.tensor([scores["cat"], scores["dog"]]), logits[0].sigmoid())
+
+
+def test_siglip_attention_pooling_head_is_dynamic_linear_in_explanation_mode(tmp_path):
+    """Without biases the pooling head is ``W(x) x``: the probe only sets (detached) attention weights."""
+    source, processor = FAMILIES["siglip"]()
+    head = convert(source, image_processor=processor.image_processor).model.network.vision_model.head
+    tokens = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with torch.no_grad():
+        expected = source.vision_model.head(tokens)
+    model = convert(source, image_processor=processor.image_processor, b=1, keep_bias=True).model
+    with torch.no_grad():
+        torch.testing.assert_close(model.network.vision_model.head(tokens), expected, rtol=0, atol=1e-6)
+    with explanation_mode(head):
+        output = head(tokens)[:, 5]
+        (gradient,) = torch.autograd.grad(output.sum(), tokens)
+    torch.testing.assert_close((gradient * tokens).sum(dim=(1, 2)), output.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_in_memory_clip_converts_without_a_tokenizer_and_says_so(tmp_path):

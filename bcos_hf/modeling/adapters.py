@@ -6,6 +6,7 @@ from .adapter_deit import DEIT_ADAPTER
 from .adapter_dinov2 import DINOV2_ADAPTER
 from .adapter_mobilenet_v2 import MOBILENET_V2_ADAPTER
 from .adapter_resnet import RESNET_ADAPTER
+from .adapter_siglip import SIGLIP_ADAPTER
 from .adapter_vit import VIT_ADAPTER
 from .rewriting import ArchitectureAdapter, UnsupportedModelError
 
@@ -20,6 +21,7 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
         DINOV2_ADAPTER,
         CLIP_ADAPTER,
         CLIP_VISION_ADAPTER,
+        SIGLIP_ADAPTER,
     )
 }
 

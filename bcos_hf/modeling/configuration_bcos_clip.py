@@ -1,4 +1,4 @@
-"""Configuration of B-cos CLIP models: a CLIP whose vision tower is B-cos and whose text tower is the original.
+"""Configurations of B-cos image-text models (CLIP, SigLIP): the vision tower is B-cos, the text tower original.
 
 Part of the remote-loadable model code: imports only transformers and siblings, with single dots.
 """
@@ -14,6 +14,11 @@ CLIP_REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_bcos_clip.BcosCLIPConfig",
     "AutoModel": "modeling_bcos_clip.BcosCLIPModel",
     "AutoModelForZeroShotImageClassification": "modeling_bcos_clip.BcosCLIPModel",
+}
+SIGLIP_REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_bcos_clip.BcosSiglipConfig",
+    "AutoModel": "modeling_bcos_clip.BcosSiglipModel",
+    "AutoModelForZeroShotImageClassification": "modeling_bcos_clip.BcosSiglipModel",
 }
 
 
@@ -31,4 +36,19 @@ class BcosCLIPConfig(BcosConfig):
 
     def __post_init__(self, **kwargs):
         kwargs.setdefault("auto_map", dict(CLIP_REMOTE_CODE_AUTO_MAP))
+        super().__post_init__(**kwargs)
+
+
+class BcosSiglipConfig(BcosCLIPConfig):
+    r"""Configuration of a [`BcosSiglipModel`]: a [`BcosCLIPConfig`] with a [`SiglipConfig`] as source.
+
+    Its own model type (containing "siglip") tells the zero-shot pipeline to score labels with a sigmoid and
+    to pad texts to 64 tokens, as SigLIP was trained.
+    """
+
+    model_type = "bcos_siglip"
+    sub_configs_defaults = {"source_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip")}
+
+    def __post_init__(self, **kwargs):
+        kwargs.setdefault("auto_map", dict(SIGLIP_REMOTE_CODE_AUTO_MAP))
         super().__post_init__(**kwargs)

@@ -1,4 +1,4 @@
-"""B-cos CLIP for zero-shot image classification: ``BcosCLIPModel``, on AutoModel and the zero-shot Auto class.
+"""B-cos CLIP and SigLIP for zero-shot image classification, on AutoModel and the zero-shot Auto class.
 
 The network is the source ``CLIPModel`` rewritten by the CLIP adapter: its vision tower (vision transformer
 and ``visual_projection``) is B-cos, its text tower is the original, frozen. The forward is CLIP's own, so
@@ -15,7 +15,7 @@ from transformers.models.clip.modeling_clip import CLIPOutput
 from transformers.utils.generic import can_return_tuple
 
 from .adapters import get_adapter
-from .configuration_bcos_clip import BcosCLIPConfig
+from .configuration_bcos_clip import BcosCLIPConfig, BcosSiglipConfig
 from .explanation_bcos import BcosExplanation, Target, explain_image_text
 from .modeling_bcos import BcosPreTrainedModel
 
@@ -122,5 +122,15 @@ class BcosCLIPModel(BcosPreTrainedModel):
         )
 
 
+class BcosSiglipModel(BcosCLIPModel):
+    """SigLIP with a B-cos vision tower; ``logits_per_image`` are SigLIP's (sigmoid scores, with its logit bias)."""
+
+    config: BcosSiglipConfig
+    config_class = BcosSiglipConfig
+    task = "zero-shot-image-classification-sigmoid"
+
+
 BcosCLIPConfig.register_for_auto_class()
 BcosCLIPModel.register_for_auto_class("AutoModelForZeroShotImageClassification")
+BcosSiglipConfig.register_for_auto_class()
+BcosSiglipModel.register_for_auto_class("AutoModelForZeroShotImageClassification")

@@ -56,8 +56,9 @@ class ArchitectureAdapter:
     Attributes:
         model_type: ``config.model_type`` of the source checkpoints (e.g. ``"vit"``).
         model_classes: transformers class per task: ``"base"`` (becomes ``BcosModel``),
-            ``"image-classification"`` (becomes ``BcosForImageClassification``) and
-            ``"zero-shot-image-classification"`` (image-text models; becomes ``BcosCLIPModel``).
+            ``"image-classification"`` (becomes ``BcosForImageClassification``),
+            ``"zero-shot-image-classification"`` (image-text models; becomes ``BcosCLIPModel``) and
+            ``"zero-shot-image-classification-sigmoid"`` (SigLIP; becomes ``BcosSiglipModel``).
         variant_classes: further source classes that convert as one of those tasks (class name -> task),
             e.g. DeiT's distilled classifier; a converted model rebuilds the class its config records.
         first_layer: path, inside the base model, of the convolution that sees the image; the input
