@@ -30,10 +30,15 @@ from .data import check_dataset_labels
 from .hub import conversion_report, training_card_details
 from .model_card import render_model_card
 from .modeling.bcos_layers import BcosConv2d, BcosLinear, DetachableLinear
+from .modeling.modeling_bcos_clip import BcosCLIPModel
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("bce", "cross_entropy")
+
+SIGLIP_SCALE = 10.0
+SIGLIP_BIAS = -10.0
+"""The fixed scale and bias of the SigLIP distillation loss of B-cosified CLIP (bcos.md §3.4)."""
 
 
 @dataclass
@@ -150,6 +155,21 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
+def siglip_distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, scale: float = SIGLIP_SCALE, bias: float = SIGLIP_BIAS
+) -> torch.Tensor:
+    """SigLIP loss between image embeddings: each student image must match its own teacher embedding only.
+
+    Both are L2-normalised (float32); ``logits = scale * s @ t.T + bias``, label +1 on the diagonal and -1
+    elsewhere, ``loss = -sum(log sigmoid(label * logit)) / batch``. No captions are needed.
+    """
+    student = F.normalize(student.float(), dim=-1)
+    teacher = F.normalize(teacher.float(), dim=-1)
+    logits = scale * student @ teacher.T + bias
+    labels = 2 * torch.eye(len(student), device=logits.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / len(student)
+
+
 def _unit_norms(tensor: torch.Tensor) -> torch.Tensor:
     """Norm per unit: per row of a weight / filter of a conv (dim 0), whole-tensor for vectors and scalars."""
     dims = None if tensor.ndim <= 1 else tuple(range(1, tensor.ndim))
@@ -229,6 +249,16 @@ def _check_bcos_model(model: nn.Module | None) -> None:
         )
 
 
+def _train_image_tower_only(model: BcosCLIPModel) -> None:
+    """Image-embedding distillation trains the B-cos image tower: the text tower and the zero-shot logit scale
+    (and SigLIP's logit bias) stay as pretrained, and out of DDP's gradient reduction."""
+    model.freeze_text_tower()
+    for name in ("logit_scale", "logit_bias"):
+        parameter = getattr(model.network, name, None)
+        if isinstance(parameter, nn.Parameter):
+            parameter.requires_grad_(False)
+
+
 def _check_teacher(teacher: nn.Module, student: PreTrainedModel) -> None:
     """The teacher must be the original model the student was converted from (or a B-cos copy of it)."""
     config = student.config
@@ -247,7 +277,7 @@ def _check_teacher(teacher: nn.Module, student: PreTrainedModel) -> None:
             f"the student's ({config.source_architecture}, model_type {expected_type!r}). {fix}"
         )
     teacher_labels = getattr(teacher_config, "num_labels", None)
-    if teacher_labels != config.num_labels:
+    if not isinstance(student, BcosCLIPModel) and teacher_labels != config.num_labels:
         raise ValueError(
             f"The teacher has {teacher_labels} labels but the student has {config.num_labels}: their logits cannot "
             f"be compared. {fix}"
@@ -258,10 +288,12 @@ class BcosTrainer(Trainer):
     """A ``Trainer`` for B-cos models: the recipe's loss and clipping, ablation schedules and distillation.
 
     Args:
-        model: a B-cos model (``BcosForImageClassification``); anything else raises with how to convert it.
+        model: a B-cos model: a ``BcosForImageClassification`` (label loss, optionally with distillation) or a
+            ``BcosCLIPModel``/``BcosSiglipModel`` (image-embedding distillation, SigLIP loss; only the image
+            tower trains). Anything else raises with how to convert it.
         args: ``BcosTrainingArguments`` (plain ``TrainingArguments`` get the recipe's extra fields' defaults).
-        teacher: optional frozen teacher for distillation: the original (non-B-cos) model the student was
-            converted from. It is prepared by accelerate in evaluation mode, outside the student, the optimiser
+        teacher: frozen teacher for distillation (required for CLIP): the original (non-B-cos) model the student
+            was converted from. It is prepared by accelerate in evaluation mode, outside the student, the optimiser
             and DDP; it sees the images normalised as the source expects (``config.input_mean/std``).
         **kwargs: everything ``Trainer`` takes (``train_dataset``, ``data_collator``, ``compute_metrics``, ...).
 
@@ -282,11 +314,20 @@ class BcosTrainer(Trainer):
                 "BcosTrainer takes BcosTrainingArguments (TrainingArguments plus the recipe's loss, clipping and "
                 "schedules); got TrainingArguments. Build BcosTrainingArguments(...) with the same fields."
             )
+        self.distils_embeddings = isinstance(model, BcosCLIPModel)
+        if self.distils_embeddings and teacher is None:
+            raise ValueError(
+                f"A {type(model).__name__} is trained by distilling the original model's image embeddings: pass "
+                f"teacher=<the {model.config.source_architecture} it was converted from "
+                f"({model.config.source_checkpoint})>."
+            )
         for split in ("train_dataset", "eval_dataset"):
-            if kwargs.get(split) is not None:
+            if kwargs.get(split) is not None and not self.distils_embeddings:
                 check_dataset_labels(kwargs[split], model.config, split)
         if teacher is not None:
             _check_teacher(teacher, model)
+        if self.distils_embeddings:
+            _train_image_tower_only(model)
         collator_processor = getattr(kwargs.get("data_collator"), "image_processor", None)
         if kwargs.get("processing_class") is None and collator_processor is not None:
             kwargs["processing_class"] = collator_processor  # saved with every checkpoint and pushed to the Hub
@@ -307,23 +348,45 @@ class BcosTrainer(Trainer):
             return F.cross_entropy(logits.float(), labels)
         return bce_loss(logits, labels, self.args.bce_off_target)
 
+    def teacher_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The images as the teacher expects them: normalised like the source model (``config.input_mean/std``)."""
+        if self.teacher_takes_raw_pixels:
+            return pixel_values
+        config = self.accelerator.unwrap_model(self.model).config
+        mean = torch.tensor(config.input_mean, device=pixel_values.device).view(1, 3, 1, 1)
+        std = torch.tensor(config.input_std, device=pixel_values.device).view(1, 3, 1, 1)
+        return (pixel_values[:, :3] - mean) / std
+
+    @torch.no_grad()
     def teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher's logits on the same images (normalised the way the source model expects)."""
-        if not self.teacher_takes_raw_pixels:
-            config = self.accelerator.unwrap_model(self.model).config
-            mean = torch.tensor(config.input_mean, device=pixel_values.device).view(1, 3, 1, 1)
-            std = torch.tensor(config.input_std, device=pixel_values.device).view(1, 3, 1, 1)
-            pixel_values = (pixel_values[:, :3] - mean) / std
-        with torch.no_grad():
-            return self.teacher(pixel_values=pixel_values).logits
+        """The frozen teacher's logits on the same images."""
+        return self.teacher(pixel_values=self.teacher_inputs(pixel_values)).logits
+
+    @torch.no_grad()
+    def teacher_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's image embeddings (CLIP: projected class token) of the same images."""
+        features = self.teacher.get_image_features(pixel_values=self.teacher_inputs(pixel_values))
+        return getattr(features, "pooler_output", features)
+
+    def compute_embedding_loss(self, model, inputs, return_outputs=False):
+        """SigLIP distillation of the image embeddings; the student runs through its forward (DDP-safe) with a
+        one-token placeholder text, whose (frozen) tower output is not used."""
+        text = self.accelerator.unwrap_model(model).config.source_config.text_config
+        placeholder = torch.tensor([[text.bos_token_id, text.eos_token_id]], device=inputs["pixel_values"].device)
+        outputs = model(pixel_values=inputs["pixel_values"], input_ids=placeholder)
+        loss = siglip_distillation_loss(outputs.image_embeds, self.teacher_image_embeddings(inputs["pixel_values"]))
+        return (loss, outputs) if return_outputs else loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Label loss (BCE or cross-entropy), mixed with the KL to the teacher when there is one.
+        """Label loss (BCE or cross-entropy), mixed with the KL to the teacher when there is one; for CLIP the
+        SigLIP distillation of the image embeddings (labels, if any, are ignored).
 
         A per-batch mean (``num_items_in_batch`` is not needed: ``loss_is_scaled_for_ga`` is False).
         """
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
+        if self.distils_embeddings:
+            return self.compute_embedding_loss(model, inputs, return_outputs)
         outputs = model(**inputs)
         if labels is None and self.teacher is None:
             raise ValueError(

@@ -27,6 +27,7 @@ from bcos_hf.training import (
     adaptive_clip_grad_,
     bce_loss,
     distillation_kl,
+    siglip_distillation_loss,
 )
 
 from .families import save_family, vit_processor
@@ -387,3 +388,93 @@ def test_teacher_architecture_mismatch(tiny_dir, tmp_path):
     )
     with pytest.raises(ValueError, match="teacher has 5 labels but the student has 3"):
         BcosTrainer(load(tiny_dir), make_args(tmp_path), teacher=wrong_head)
+
+
+# --- CLIP: image-embedding distillation ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny CLIPModel saved with its processor, and its B-cos conversion (B = 2, no biases)."""
+    from bcos_hf.convert import convert
+
+    from .families import FAMILIES
+
+    folder = tmp_path_factory.mktemp("clip")
+    source, processor = FAMILIES["clip"]()
+    source.save_pretrained(folder / "source")
+    processor.save_pretrained(folder / "source")
+    convert(str(folder / "source"), folder / "bcos")
+    return folder / "source", folder / "bcos"
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """Unlabelled images: CLIP distillation needs no captions and no labels."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(index))}
+
+
+def test_siglip_distillation_loss_matches_its_definition():
+    student, teacher = torch.randn(4, 8), torch.randn(4, 8)
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    logits = 10 * s @ t.T - 10
+    expected = (
+        -sum(F.logsigmoid(torch.tensor(1.0 if i == j else -1.0) * logits[i, j]) for i in range(4) for j in range(4)) / 4
+    )
+    torch.testing.assert_close(siglip_distillation_loss(student, teacher), expected)
+
+
+def test_clip_student_starts_from_the_pretrained_weights(tiny_clip):
+    from transformers import AutoModel, CLIPModel
+
+    source_dir, bcos_dir = tiny_clip
+    teacher, student = CLIPModel.from_pretrained(source_dir), AutoModel.from_pretrained(bcos_dir)
+    source = teacher.state_dict()
+    vision = {
+        name.removeprefix("network."): tensor
+        for name, tensor in student.state_dict().items()
+        if name.startswith(("network.vision_model.", "network.visual_projection."))
+    }
+    first = "vision_model.embeddings.patch_embedding.weight"
+    assert len(vision) > 10
+    for name, tensor in vision.items():
+        if name != first:
+            torch.testing.assert_close(tensor, source[name], rtol=0, atol=0, msg=name)
+    # The first layer holds the pretrained filters with the input normalisation folded in: W_x - W_(1-x) = W / std.
+    std = torch.tensor(student.config.input_std).view(1, 3, 1, 1)
+    torch.testing.assert_close((vision[first][:, :3] - vision[first][:, 3:]) * std, source[first])
+
+
+def test_clip_distillation_trains_the_image_tower_only(tiny_clip, tmp_path):
+    from transformers import AutoModel, CLIPModel
+
+    source_dir, bcos_dir = tiny_clip
+    student = AutoModel.from_pretrained(bcos_dir)
+    start = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    trainer = BcosTrainer(
+        student,
+        make_args(tmp_path, max_steps=8, logging_steps=1),
+        train_dataset=RandomImages(),
+        teacher=CLIPModel.from_pretrained(source_dir),
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert all(math.isfinite(loss) for loss in losses) and np.mean(losses[-3:]) < np.mean(losses[:3])
+    changed = {name for name, tensor in trainer.model.state_dict().items() if not torch.equal(tensor, start[name])}
+    assert changed and all(name.startswith(("network.vision_model.", "network.visual_projection.")) for name in changed)
+    assert "network.logit_scale" not in changed and not any("text_" in name for name in changed)
+
+
+def test_clip_distillation_needs_the_original_clip_as_teacher(tiny_clip, tmp_path):
+    from transformers import AutoModel
+
+    student = AutoModel.from_pretrained(tiny_clip[1])
+    with pytest.raises(ValueError, match=r"pass teacher=<the CLIPModel it was converted from"):
+        BcosTrainer(student, make_args(tmp_path), train_dataset=RandomImages())
+    vit, _ = save_family("vit", tmp_path / "vit", **TINY_VIT)
+    with pytest.raises(ValueError, match=r"model_type 'vit'\) does not match the student's \(CLIPModel"):
+        BcosTrainer(student, make_args(tmp_path), teacher=vit)
