@@ -16,6 +16,7 @@ Trainer: mixed precision, DDP/FSDP under ``torchrun`` or ``accelerate launch``, 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -259,6 +260,19 @@ def _train_image_tower_only(model: BcosCLIPModel) -> None:
             parameter.requires_grad_(False)
 
 
+def _without_normalisation(processor):
+    """The image processor B-cos models need: the same one with mean/std normalisation off (folded into the model)."""
+    if not getattr(processor, "do_normalize", False):
+        return processor
+    logger.warning(
+        "The image processor given to BcosTrainer normalises images; B-cos models take images in [0, 1] (the "
+        "normalisation is folded into the first layer), so a copy with do_normalize=False is saved and pushed."
+    )
+    processor = copy.deepcopy(processor)
+    processor.do_normalize = False
+    return processor
+
+
 def _check_teacher(teacher: nn.Module, student: PreTrainedModel) -> None:
     """The teacher must be the original model the student was converted from (or a B-cos copy of it)."""
     config = student.config
@@ -328,9 +342,9 @@ class BcosTrainer(Trainer):
             _check_teacher(teacher, model)
         if self.distils_embeddings:
             _train_image_tower_only(model)
-        collator_processor = getattr(kwargs.get("data_collator"), "image_processor", None)
-        if kwargs.get("processing_class") is None and collator_processor is not None:
-            kwargs["processing_class"] = collator_processor  # saved with every checkpoint and pushed to the Hub
+        processor = kwargs.get("processing_class") or getattr(kwargs.get("data_collator"), "image_processor", None)
+        if processor is not None:  # saved with every checkpoint and pushed to the Hub
+            kwargs["processing_class"] = _without_normalisation(processor)
         super().__init__(model=model, args=args, **kwargs)
         self.final_b = float(model.config.b)
         if args.b_warmup_steps > 0:
