@@ -65,8 +65,9 @@ class ConversionReport:
     logit_bias: float
     parameters: int
     equivalence_max_abs_diff: float
-    """Largest |difference| between the source model's output (logits, or last hidden state for backbones)
-    and the B = 1, biases-kept conversion's, on a fixed batch of seeded random images in [0, 1]."""
+    """Largest |difference| between the source model's output (logits, the last hidden state of backbones, the
+    image embeddings of image-text models) and the B = 1, biases-kept conversion's, on a fixed batch of seeded
+    random images in [0, 1]."""
     equivalence_inputs: list[int]
     seconds: float
     """Wall time of the whole conversion: loading, equivalence check, rewriting and saving."""
@@ -195,7 +196,8 @@ def convert(
     Args:
         source: hub id or local folder of a supported checkpoint, or a loaded model (which is copied, not
             changed). A ``...Model`` backbone becomes a ``BcosModel``, a ``...ForImageClassification`` a
-            ``BcosForImageClassification``.
+            ``BcosForImageClassification``, a ``CLIPModel`` (``SiglipModel``) a ``BcosCLIPModel``
+            (``BcosSiglipModel``) whose text tower stays the original (see ``BCOS_CLASSES``).
         output_dir: if given, save the model, its image processor, the remote code, a model card and
             ``conversion_report.json`` there.
         b: the B-cos exponent (>= 1). ``b=1, keep_bias=True`` is the equivalence mode: the converted model
