@@ -1,8 +1,8 @@
 """B-cos CLIP and SigLIP for zero-shot image classification, on AutoModel and the zero-shot Auto class.
 
-The network is the source ``CLIPModel`` rewritten by the CLIP adapter: its vision tower (vision transformer
-and ``visual_projection``) is B-cos, its text tower is the original, frozen. The forward is CLIP's own, so
-``logits_per_image`` are ``logit_scale * cos(image embedding, text embedding)`` as in the source, and the
+The network is the source ``CLIPModel`` (``SiglipModel``) rewritten by its adapter: the vision tower is B-cos,
+the text tower is the original, frozen. The forward is the source's own, so ``logits_per_image`` are
+``logit_scale * cos(image embedding, text embedding)`` (plus SigLIP's logit bias) as in the source, and the
 zero-shot pipeline works unchanged (it calls ``model(**text_inputs, **image_inputs)``).
 
 Part of the remote-loadable model code: imports only torch, transformers and siblings, with single dots.
