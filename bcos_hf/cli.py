@@ -123,7 +123,7 @@ def _run_localisation(args: argparse.Namespace) -> None:
     from .localisation import ImageDataset, format_results, grid_pointing_game, save_results
 
     model = AutoModelForImageClassification.from_pretrained(args.model).eval()
-    data = ImageDataset(args.dataset, AutoImageProcessor.from_pretrained(args.model), args.split)
+    data = ImageDataset(args.dataset, AutoImageProcessor.from_pretrained(args.model), args.split, model.config.id2label)
     sliding = {"auto": None, "on": True, "off": False}[args.sliding_window]
     results = []
     for grid in args.grid:

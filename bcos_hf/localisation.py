@@ -167,10 +167,13 @@ class ImageDataset:
     ``source``: a ``(images, labels)`` pair of tensors (N x 3 x H x W in [0, 1], N), a ``datasets.Dataset``
     (its image column and ClassLabel column are found by type), or a folder (an ``imagefolder`` tree of one
     sub-folder per class, or a dataset saved with ``save_to_disk``). Datasets go through ``image_processor``
-    (the one saved with the B-cos model: no normalisation).
+    (the one saved with the B-cos model: no normalisation). When the dataset's class names are all among the
+    model's labels (``id2label``), labels are matched by name (an imagefolder numbers its classes
+    alphabetically); otherwise the dataset's label ids are taken to be the model's.
     """
 
-    def __init__(self, source, image_processor=None, split: str = "train") -> None:
+    def __init__(self, source, image_processor=None, split: str = "train", id2label: dict | None = None) -> None:
+        self.to_model_label: dict[int, int] | None = None
         if isinstance(source, tuple):
             self.images, self.labels = source
             self.dataset = None
@@ -182,6 +185,10 @@ class ImageDataset:
         self.dataset, self.image_processor = source, image_processor
         self.image_column = _column_of_type(source, "Image")
         self.label_column = _column_of_type(source, "ClassLabel")
+        names = source.features[self.label_column].names
+        model_ids = {str(name): int(index) for index, name in (id2label or {}).items()}
+        if names and all(name in model_ids for name in names):
+            self.to_model_label = {index: model_ids[name] for index, name in enumerate(names)}
 
     def __len__(self) -> int:
         return len(self.labels) if self.dataset is None else len(self.dataset)
@@ -193,7 +200,10 @@ class ImageDataset:
         rows = self.dataset[list(indices)]
         images = [image.convert("RGB") for image in rows[self.image_column]]
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
-        return pixel_values, torch.tensor(rows[self.label_column])
+        labels = rows[self.label_column]
+        if self.to_model_label is not None:
+            labels = [self.to_model_label[label] for label in labels]
+        return pixel_values, torch.tensor(labels)
 
 
 def _load_dataset(path: Path, split: str):
@@ -371,7 +381,9 @@ def grid_pointing_game(
         sliding_window: explain tile-sized windows with stride half a tile and sum them back; None decides by
             ``uses_fixed_resolution``.
     """
-    data = dataset if isinstance(dataset, ImageDataset) else ImageDataset(dataset, image_processor, split)
+    data = dataset
+    if not isinstance(dataset, ImageDataset):
+        data = ImageDataset(dataset, image_processor, split, getattr(model.config, "id2label", None))
     chosen = []
     for method in methods:
         if isinstance(method, str) and method not in ATTRIBUTIONS:
