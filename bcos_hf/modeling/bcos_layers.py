@@ -38,19 +38,222 @@ class ExplainableMixin:
     explaining: bool = False
 
 
-def bcos_scale(out: torch.Tensor, norm_sq: torch.Tensor, b: float, detach_scale: bool) -> torch.Tensor:
-    """Apply the B-cos factor ``|cos|^(B-1)`` to a linear output.
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype when autocast is on: the norm and the matrix product then read (and save
+    for backward) one and the same tensor, instead of the product saving a cast copy beside ``x``."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if x.dtype != dtype:
+            return x.to(dtype)
+    return x
 
-    ``out`` is ``w^T x`` (raw or unit-norm weights), ``norm_sq`` is ``||x||^2`` broadcastable to ``out``.
-    The squares, the norm and the scale are computed in float32 whatever the autocast dtype, because they
-    overflow in fp16 and lose the small cosines in bf16; the result is returned in ``out``'s dtype.
+
+# Elementwise kernels on (A, C, B) views: ``out`` and the gradients are (A, C, B), ``norm`` is (A, 1, B) in
+# float32 and broadcasts over the C output units that share one input row (linear) or window (conv group).
+# The arithmetic is float32 whatever the storage dtype. Each is one fused kernel on CUDA (``_fused``), plain
+# PyTorch elsewhere and while an enclosing ``torch.compile`` traces the model (it fuses them itself).
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32, or float64 if it is float64 (gradient checks)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(dim=1, keepdim=True)``; for linear layers (B = 1) eagerly a batched dot product, one pass."""
+    if not torch.compiler.is_compiling() and a.shape[2] == 1:
+        return torch.bmm(a.transpose(1, 2), b)
+    return (a * b).sum(dim=1, keepdim=True)
+
+
+# Written as chains of in-place operations on fresh tensors: eager mode then makes as few passes over the
+# activations as it can (three in the forward, four in the backward), and torch.compile fuses them anyway.
+
+
+def _scale2_forward(out: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    wide = _wide(out)
+    return wide.abs().div_(norm).mul_(wide).to(out.dtype)
+
+
+def _scale2_backward(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B = 2 from the saved output: ``|out| / n = sqrt(|y| / n)``, so ``dy/dout = 2|out|/n`` and
+    ``dy/dn = -y / n`` need only ``y`` (which the next layer saves anyway) and the per-row norm."""
+    grad_wide, y_wide = _wide(grad), _wide(y)
+    grad_out = y_wide.abs().mul_(4 / norm).sqrt_().mul_(grad_wide)
+    grad_norm = _sum_of_products(grad_wide, y_wide).div_(norm).neg_()
+    return grad_out.to(grad.dtype), grad_norm
+
+
+def _scale2_backward_detached(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Explanation mode, B = 2: ``y = s * out`` with the constant ``s = |out| / n``, so ``dy/dout = s``."""
+    return _wide(y).abs().div_(norm).sqrt_().mul_(_wide(grad)).to(grad.dtype)
+
+
+def _scale_forward(out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
+    out32 = _wide(out)
+    return (out32 * (out32.abs() / norm + SCALE_EPS).pow(b - 1)).to(out.dtype)
+
+
+def _scale_backward(
+    grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """General B: with ``c = |out| / n`` and ``s = (c + eps)^(B-1)``, ``dy/dout = s + c s'(c)`` and
+    ``dy/dn = -out c s'(c) / n``, where ``s'(c) = (B-1)(c + eps)^(B-2)``."""
+    grad32, out32 = _wide(grad), _wide(out)
+    cos = out32.abs() / norm
+    slope = (b - 1) * (cos + SCALE_EPS).pow(b - 2) * cos
+    grad_out = grad32 * ((cos + SCALE_EPS).pow(b - 1) + slope)
+    grad_norm = -_sum_of_products(grad32 * out32, slope) / norm
+    return grad_out.to(grad.dtype), grad_norm
+
+
+def _scale_backward_detached(grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
+    return (_wide(grad) * (_wide(out).abs() / norm + SCALE_EPS).pow(b - 1)).to(grad.dtype)
+
+
+FUSE_ON_CUDA = True
+"""Run the elementwise kernels above as fused ``torch.compile``d kernels on CUDA (set False to debug)."""
+
+_COMPILED: dict = {}
+
+
+def _fused(kernel, tensor: torch.Tensor):
+    """``kernel`` compiled into one fused kernel when ``tensor`` is on CUDA, else ``kernel`` itself.
+
+    Compiled lazily, once per kernel with dynamic shapes, so layers of every size share it; never while an
+    enclosing ``torch.compile`` traces (it fuses the plain kernel into its own graph).
     """
-    out32 = out.float()
-    norm = (norm_sq.float() + NORM_EPS).sqrt()
-    scale = out32.abs() / norm if b == 2 else (out32.abs() / norm + SCALE_EPS).pow(b - 1)
-    if detach_scale:
-        scale = scale.detach()
-    return (out32 * scale).to(out.dtype)
+    if not (FUSE_ON_CUDA and tensor.is_cuda) or torch.compiler.is_compiling():
+        return kernel
+    compiled = _COMPILED.get(kernel)
+    if compiled is None:
+        compiled = _COMPILED[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
+    return compiled
+
+
+class _BcosScale(torch.autograd.Function):
+    """``y = out * |cos|^(B-1)`` with a closed-form backward that saves only ``y`` (B = 2) or ``out``, and the
+    norm. With ``detached`` (explanation mode) the factor is a constant: the norm gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, norm: torch.Tensor, b: float, detached: bool) -> torch.Tensor:
+        if b == 2:
+            y = _fused(_scale2_forward, out)(out, norm)
+            ctx.save_for_backward(y, norm)
+        else:
+            y = _fused(_scale_forward, out)(out, norm, b)
+            ctx.save_for_backward(out, norm)
+        ctx.b, ctx.detached = b, detached
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        saved, norm = ctx.saved_tensors
+        b = ctx.b
+        if ctx.detached:
+            if b == 2:
+                return _fused(_scale2_backward_detached, grad)(grad, saved, norm), None, None, None
+            return _fused(_scale_backward_detached, grad)(grad, saved, norm, b), None, None, None
+        if b == 2:
+            grad_out, grad_norm = _fused(_scale2_backward, grad)(grad, saved, norm)
+        else:
+            grad_out, grad_norm = _fused(_scale_backward, grad)(grad, saved, norm, b)
+        return grad_out, grad_norm, None, None
+
+
+def bcos_scale(out: torch.Tensor, norm: torch.Tensor, b: float, detach_scale: bool) -> torch.Tensor:
+    """Apply the B-cos factor ``|cos|^(B-1)`` to a linear output, ``cos = out / norm``.
+
+    ``out`` is ``w^T x`` (raw or unit-norm weights) viewed as (A, C, B), ``norm`` is ``sqrt(||x||^2 + eps)``
+    of shape (A, 1, B) in float32. The arithmetic is float32 (squares and small cosines need it), the result
+    has ``out``'s dtype.
+    """
+    if torch.is_grad_enabled():
+        return _BcosScale.apply(out, norm, b, detach_scale)
+    if b == 2:
+        return _fused(_scale2_forward, out)(out, norm)
+    return _fused(_scale_forward, out)(out, norm, b)
+
+
+def _norm_from_squares(norm_sq: torch.Tensor) -> torch.Tensor:
+    return (norm_sq + NORM_EPS).sqrt()
+
+
+def _row_norm_value(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(||x||^2 + eps)`` over the last dimension, float32 (or float64), one reduction kernel."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _norm_from_squares(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square())
+
+
+class _RowNorm(torch.autograd.Function):
+    """The input norm of a linear layer; saves ``x`` (which the matrix product saves too) and the norm."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        norm = _row_norm_value(x)
+        ctx.save_for_backward(x, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad_norm: torch.Tensor) -> torch.Tensor:
+        x, norm = ctx.saved_tensors
+        return x * (grad_norm / norm).to(x.dtype)
+
+
+def row_norm(x: torch.Tensor, detached: bool) -> torch.Tensor:
+    """``sqrt(||x||^2 + eps)`` over the last dimension in float32; no graph at all when ``detached``."""
+    if detached or not torch.is_grad_enabled():
+        return _row_norm_value(x.detach())
+    return _RowNorm.apply(x)
+
+
+def _window_norm_value(x: torch.Tensor, window: tuple) -> torch.Tensor:
+    groups, kernel_size, stride, padding, dilation = window
+    squares = _wide(x).square()
+    if squares.shape[1] != groups:
+        squares = squares.unflatten(1, (groups, -1)).sum(dim=2)
+    ones = torch.ones((groups, 1, *kernel_size), device=x.device, dtype=squares.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        norm_sq = F.conv2d(squares, ones, None, stride, padding, dilation, groups)
+    return _norm_from_squares(norm_sq)
+
+
+class _WindowNorm(torch.autograd.Function):
+    """The norm of every receptive field of a convolution, per group: (N, groups, H_out, W_out), float32.
+
+    The sum of squares over the window and the group's input channels is a convolution of the per-group sum
+    of squares with a kernel of ones (same stride, padding and dilation); its backward is the transposed
+    convolution with the same kernel. Saves ``x`` (which the convolution saves too) and the norm.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, window: tuple) -> torch.Tensor:
+        norm = _window_norm_value(x, window)
+        ctx.save_for_backward(x, norm)
+        ctx.window = window
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad_norm: torch.Tensor):
+        x, norm = ctx.saved_tensors
+        groups, kernel_size, stride, padding, dilation = ctx.window
+        ones = torch.ones((groups, 1, *kernel_size), device=x.device, dtype=norm.dtype)
+        squares_shape = (x.shape[0], groups, *x.shape[2:])
+        with torch.autocast(x.device.type, enabled=False):
+            grad_squares = torch.nn.grad.conv2d_input(
+                squares_shape, ones, grad_norm / (2 * norm), stride, padding, dilation, groups
+            )
+        grouped = _wide(x).unflatten(1, (groups, -1))
+        return (2 * grouped * grad_squares.unsqueeze(2)).flatten(1, 2).to(x.dtype), None
+
+
+def window_norm(x: torch.Tensor, window: tuple, detached: bool) -> torch.Tensor:
+    """The receptive-field norms of a convolution described by ``window`` = (groups, kernel_size, stride,
+    padding, dilation) on ``x``; no graph at all when ``detached``."""
+    if detached or not torch.is_grad_enabled():
+        return _window_norm_value(x.detach(), window)
+    return _WindowNorm.apply(x, window)
 
 
 def _validate_b(b: float) -> float:
@@ -95,11 +298,13 @@ class BcosLinear(nn.Linear, ExplainableMixin):
         weight = self.weight
         if self.normalize_weights:
             weight = weight / weight.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(weight.dtype)
-        out = F.linear(x, weight, self.bias)
         if self.b == 1:
-            return out
-        norm_sq = x.float().square().sum(dim=-1, keepdim=True)
-        return bcos_scale(out, norm_sq, self.b, self.explaining)
+            return F.linear(x, weight, self.bias)
+        x = _autocast_input(x)
+        norm = row_norm(x, self.explaining)
+        out = F.linear(x, weight, self.bias)
+        units = out.shape[-1]
+        return bcos_scale(out.view(-1, units, 1), norm.view(-1, 1, 1), self.b, self.explaining).view(out.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, b={self.b:g}, normalize_weights={self.normalize_weights}"
@@ -168,26 +373,31 @@ class BcosConv2d(nn.Conv2d, ExplainableMixin):
         layer.bias = conv.bias if keep_bias else None
         return layer
 
-    def _window_norm_sq(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of squares of each receptive field, per group: shape (N, groups, H_out, W_out), float32."""
-        squares = x.float().square()
-        squares = squares.unflatten(1, (self.groups, -1)).sum(dim=2)
-        ones = torch.ones((self.groups, 1, *self.kernel_size), device=x.device, dtype=torch.float32)
-        return F.conv2d(squares, ones, None, self.stride, self.padding, self.dilation, self.groups)
+    @property
+    def _window(self) -> tuple:
+        """(groups, kernel_size, stride, padding, dilation) with the padding as numbers, for the norm."""
+        padding = self.padding
+        if isinstance(padding, str):  # "valid" or "same" (stride 1): symmetric zero padding
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
+            if padding == "same" and any(total % 2 for total in totals):
+                raise NotImplementedError("B-cos convolutions support padding='same' only with symmetric padding.")
+            padding = tuple(total // 2 for total in totals) if padding == "same" else (0, 0)
+        return self.groups, self.kernel_size, self.stride, padding, self.dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if self.normalize_weights:
             unit = weight.float().flatten(1).norm(dim=1).clamp_min(1e-12).to(weight.dtype)
             weight = weight / unit[:, None, None, None]
-        out = self._conv_forward(x, weight, self.bias)
         if self.b == 1:
-            return out
-        norm_sq = self._window_norm_sq(x)
-        if self.groups == 1:
-            return bcos_scale(out, norm_sq, self.b, self.explaining)
-        grouped = bcos_scale(out.unflatten(1, (self.groups, -1)), norm_sq.unsqueeze(2), self.b, self.explaining)
-        return grouped.flatten(1, 2)
+            return self._conv_forward(x, weight, self.bias)
+        x = _autocast_input(x)
+        norm = window_norm(x, self._window, self.explaining)
+        out = self._conv_forward(x, weight, self.bias)
+        batch, channels, height, width = out.shape
+        grouped = out.reshape(batch * self.groups, channels // self.groups, height * width)
+        y = bcos_scale(grouped, norm.reshape(batch * self.groups, 1, height * width), self.b, self.explaining)
+        return y.reshape(out.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, b={self.b:g}, normalize_weights={self.normalize_weights}"

@@ -1,0 +1,205 @@
+"""The fast B-cos path against the plain formulas: gradients (float64 gradcheck), explanation-mode gradients,
+fused kernels against their PyTorch fallback, saved activations, and whole-model torch.compile(fullgraph=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bcos_hf import BcosConv2d, BcosLinear
+from bcos_hf.convert import convert
+from bcos_hf.modeling import bcos_layers
+from bcos_hf.modeling.bcos_layers import NORM_EPS, SCALE_EPS, bcos_scale
+
+from .families import FAMILIES, IMAGE_MEAN, IMAGE_STD
+
+torch.manual_seed(0)
+
+CONV_SHAPES = [
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=1, groups=2),
+    dict(in_channels=4, out_channels=8, kernel_size=3, padding=2, dilation=2, groups=4),  # depthwise, multiplier 2
+]
+
+
+def plain_scale(out: torch.Tensor, norm_sq: torch.Tensor, b: float, detach: bool) -> torch.Tensor:
+    """The B-cos factor written as plain autograd ops: ``out * |out / n|^(B-1)`` (bcos.md §1)."""
+    cos = out.abs() / (norm_sq + NORM_EPS).sqrt()
+    scale = cos if b == 2 else (cos + SCALE_EPS).pow(b - 1)
+    return out * (scale.detach() if detach else scale)
+
+
+def plain_linear(layer: BcosLinear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out = F.linear(x, weight)
+    return out if layer.b == 1 else plain_scale(out, x.square().sum(-1, keepdim=True), layer.b, layer.explaining)
+
+
+def plain_conv(layer: BcosConv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out = F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if layer.b == 1:
+        return out
+    squares = x.square().unflatten(1, (layer.groups, -1)).sum(2)
+    ones = torch.ones(layer.groups, 1, *layer.kernel_size, dtype=x.dtype)
+    norm_sq = F.conv2d(squares, ones, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    grouped = plain_scale(out.unflatten(1, (layer.groups, -1)), norm_sq.unsqueeze(2), layer.b, layer.explaining)
+    return grouped.flatten(1, 2)
+
+
+def fast(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.func.functional_call(layer, {"weight": weight}, (x,))
+
+
+LAYER_CASES = [
+    case
+    for b in (1.0, 2.0, 2.5)
+    for case in [
+        pytest.param(BcosLinear(5, 4, b=b), (2, 3, 5), plain_linear, id=f"linear-b{b:g}"),
+        *(
+            pytest.param(BcosConv2d(**kwargs, b=b), (1, kwargs["in_channels"], 5, 4), plain_conv, id=f"conv{i}-b{b:g}")
+            for i, kwargs in enumerate(CONV_SHAPES)
+        ),
+    ]
+]
+
+
+@pytest.mark.parametrize(("layer", "shape", "plain"), LAYER_CASES)
+@pytest.mark.parametrize("explaining", [False, True], ids=["train", "explain"])
+def test_fast_path_gradients_equal_the_plain_formula(layer, shape, plain, explaining):
+    """Outputs and gradients (input and weight) of the fast path equal the plain formula's, in float64."""
+    layer = layer.double()
+    layer.explaining = explaining
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    expected = plain(layer, x, weight)
+    actual = fast(layer, x, weight)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, weight), upstream)
+    actual_grads = torch.autograd.grad(actual, (x, weight), upstream)
+    for got, want in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    if not explaining and layer.b != 1:  # explanation mode's gradient is W(x) by design, not the derivative
+        assert torch.autograd.gradcheck(lambda x, w: fast(layer, x, w), (x, weight), fast_mode=True)
+
+
+@pytest.mark.parametrize("b", [2.0, 2.5])
+@pytest.mark.parametrize("detach", [False, True])
+def test_scale_function_gradcheck(b, detach):
+    out = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    norm = (torch.rand(3, 1, 5, dtype=torch.float64) + 0.5).requires_grad_(not detach)
+    expected = plain_scale(out, norm.square() - NORM_EPS, b, detach)
+    torch.testing.assert_close(bcos_scale(out, norm, b, detach), expected)
+    if detach:  # the factor is a constant: dy/dout = s
+        (grad,) = torch.autograd.grad(bcos_scale(out, norm, b, detach).sum(), out)
+        torch.testing.assert_close(grad, (expected / out).detach())
+    else:
+        assert torch.autograd.gradcheck(lambda o, n: bcos_scale(o, n, b, detach), (out, norm))
+
+
+def _all_kernels(grad, out, norm):
+    """Every elementwise kernel of the fast path, so that one compilation covers them all."""
+    y = bcos_layers._scale2_forward(out, norm)
+    return (
+        y,
+        *bcos_layers._scale2_backward(grad, y, norm),
+        bcos_layers._scale2_backward_detached(grad, y, norm),
+        bcos_layers._scale_forward(out, norm, 2.5),
+        *bcos_layers._scale_backward(grad, out, norm, 2.5),
+        bcos_layers._scale_backward_detached(grad, out, norm, 2.5),
+    )
+
+
+def test_fused_kernels_match_their_pytorch_fallback():
+    """The kernels CUDA runs fused (``torch.compile``, here with inductor on the CPU) equal the plain ones.
+    bf16 storage with float32 arithmetic, as under autocast; the benchmark checks them on CUDA too."""
+    dtype = torch.bfloat16
+    torch._dynamo.reset()
+    fused = torch.compile(_all_kernels, dynamic=True, fullgraph=True)
+    grad, out = torch.randn(6, 7, 3, dtype=dtype), torch.randn(6, 7, 3, dtype=dtype)
+    norm = torch.rand(6, 1, 3) * 4 + 0.5
+    for got, want in zip(fused(grad, out, norm), _all_kernels(grad, out, norm), strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-5)
+
+
+def test_fused_path_is_used_only_on_cuda_and_never_inside_compile(monkeypatch):
+    cpu = torch.zeros(1)
+    assert bcos_layers._fused(bcos_layers._scale2_forward, cpu) is bcos_layers._scale2_forward
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(bcos_layers, "_COMPILED", {})
+    compiled = bcos_layers._fused(bcos_layers._scale2_forward, cpu)
+    assert compiled is not bcos_layers._scale2_forward
+    assert bcos_layers._fused(bcos_layers._scale2_forward, cpu) is compiled  # compiled once, then reused
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert bcos_layers._fused(bcos_layers._scale2_forward, cpu) is bcos_layers._scale2_forward
+
+
+def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bcos_layers_save_only_the_norm_beside_what_the_plain_layers_save(dtype):
+    """Linear + GELU and conv + GELU: the B-cos layer adds one float32 norm per row / window, nothing else."""
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    x = torch.randn(4, 10, 16, requires_grad=True)
+    plain_linear_layer = nn.Sequential(nn.Linear(16, 32, bias=False), nn.GELU())
+    bcos_linear_layer = nn.Sequential(BcosLinear.from_module(plain_linear_layer[0], b=2, keep_bias=False), nn.GELU())
+    with autocast:
+        extra = _saved_bytes(bcos_linear_layer, x) - _saved_bytes(plain_linear_layer, x)
+    assert extra == 4 * 10 * 4  # one float32 norm per row
+
+    images = torch.randn(2, 8, 9, 9, requires_grad=True)
+    plain_conv_layer = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False), nn.GELU())
+    bcos_conv_layer = nn.Sequential(BcosConv2d.from_module(plain_conv_layer[0], b=2, keep_bias=False), nn.GELU())
+    with autocast:
+        extra = _saved_bytes(bcos_conv_layer, images) - _saved_bytes(plain_conv_layer, images)
+    assert extra == 2 * 2 * 9 * 9 * 4  # one float32 norm per window and group
+
+
+def test_vit_s_shaped_model_saves_at_most_1_3x_the_original_activations():
+    """A 2-layer ViT-S/16 (64 px): what the benchmark measures for the full-size models, at test size."""
+    from benchmarks.run import Runner
+
+    source, _ = FAMILIES["vit"](
+        hidden_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        image_size=64,
+        patch_size=16,
+    )
+    model = convert(source, image_mean=IMAGE_MEAN, image_std=IMAGE_STD).model
+    images = torch.rand(2, 3, 64, 64)
+    original = Runner(source, images, torch.float32, bcos=False).saved_bytes()
+    bcos = Runner(model, images, torch.float32, bcos=True).saved_bytes()
+    assert bcos / original <= 1.3, (bcos, original)
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext", "clip_vision_model-backbone"])
+def test_model_forward_compiles_with_fullgraph(family):
+    """torch.compile(fullgraph=True) captures the whole training forward (the closed-form autograd functions
+    included) without a graph break, and it computes what eager mode computes. Dynamo only (backend
+    "eager"), to keep the test fast: the kernels' compilation is covered above."""
+    source, processor = FAMILIES[family]()
+    model = convert(source, image_processor=processor).model.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    images = torch.rand(2, 3, 32, 32)
+    expected, actual = model(pixel_values=images), compiled(pixel_values=images)
+    for name in ("logits", "pooler_output"):
+        if getattr(expected, name, None) is not None:
+            torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
+            assert getattr(actual, name).requires_grad
