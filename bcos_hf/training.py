@@ -19,13 +19,16 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 
 from .data import check_dataset_labels
 from .hub import conversion_report, training_card_details
@@ -134,6 +137,24 @@ class BcosTrainingArguments(TrainingArguments):
         state = self.__dict__.copy()
         state["hub_token"] = None
         return state
+
+
+def source_with_labels(source: str | Path, labels: list[str]) -> PreTrainedModel:
+    """Load a pretrained classifier with a new head for ``labels`` (freshly initialised, the rest pretrained).
+
+    The first step of fine-tuning on a new label set: convert the result with ``bcos_hf.convert.convert``
+    (pass the source's image processor), then train it with ``BcosTrainer``.
+    """
+    config = AutoConfig.from_pretrained(source)
+    model_class = getattr(transformers, (config.architectures or ["AutoModelForImageClassification"])[0])
+    return model_class.from_pretrained(
+        source,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: index for index, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+        dtype=torch.float32,
+    )
 
 
 def bce_loss(logits: torch.Tensor, labels: torch.Tensor, off_target: float | None = None) -> torch.Tensor:
@@ -384,9 +405,8 @@ class BcosTrainer(Trainer):
 
     def compute_embedding_loss(self, model, inputs, return_outputs=False):
         """SigLIP distillation of the image embeddings; the student runs through its forward (DDP-safe) with a
-        one-token placeholder text, whose (frozen) tower output is not used."""
-        text = self.accelerator.unwrap_model(model).config.source_config.text_config
-        placeholder = torch.tensor([[text.bos_token_id, text.eos_token_id]], device=inputs["pixel_values"].device)
+        one-token placeholder text (token id 0), whose (frozen) tower output is not used."""
+        placeholder = torch.zeros((1, 1), dtype=torch.long, device=inputs["pixel_values"].device)
         outputs = model(pixel_values=inputs["pixel_values"], input_ids=placeholder)
         loss = siglip_distillation_loss(outputs.image_embeds, self.teacher_image_embeddings(inputs["pixel_values"]))
         return (loss, outputs) if return_outputs else loss
@@ -416,6 +436,15 @@ class BcosTrainer(Trainer):
             alpha = self.args.distillation_alpha if loss is not None else 1.0
             loss = alpha * distillation + (1 - alpha) * loss if loss is not None else distillation
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation of an image-embedding distillation is its loss (CLIP's forward needs texts otherwise)."""
+        if not self.distils_embeddings:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_embedding_loss(model, inputs)
+        return loss.detach(), None, None
 
     # Optimiser and clipping ------------------------------------------------------------------------------
 
@@ -461,6 +490,17 @@ class BcosTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         _load_weights(model or self.model, resume_from_checkpoint)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save as the Trainer does, then repair what FSDP2 breaks: it swaps the model's class for a subclass
+        defined in torch, so ``save_pretrained`` copies torch's files instead of the B-cos model code and points
+        ``auto_map`` at them; the folder would not load with ``trust_remote_code``."""
+        model = self.accelerator.unwrap_model(self.model)
+        model_class = next(cls for cls in type(model).__mro__ if not cls.__module__.startswith("torch."))
+        auto_map = dict(model.config.auto_map or {})
+        super()._save(output_dir, state_dict)
+        if model_class is not type(model) and self.args.should_save:
+            _restore_model_code(model, model_class, Path(output_dir or self.args.output_dir), auto_map)
+
     def _load_best_model(self) -> None:
         """``load_best_model_at_end`` through ``from_pretrained`` too (see ``_load_from_checkpoint``)."""
         best = self.state.best_model_checkpoint
@@ -503,3 +543,13 @@ def _load_weights(model: PreTrainedModel, folder: str) -> None:
     """Copy the weights saved in ``folder`` into ``model``, every key mapped as ``from_pretrained`` maps it."""
     saved = type(model).from_pretrained(folder, dtype=model.dtype)
     model.load_state_dict(saved.state_dict(), strict=True)
+
+
+def _restore_model_code(model: PreTrainedModel, model_class: type, folder: Path, auto_map: dict) -> None:
+    """Replace the wrapper's source files in a saved folder by the model's own code and ``auto_map``."""
+    wrapper_file = Path(sys.modules[type(model).__module__].__file__)
+    for name in {wrapper_file.name, *(Path(path).name for path in get_relative_import_files(str(wrapper_file)))}:
+        (folder / name).unlink(missing_ok=True)
+    custom_object_save(model_class, folder)
+    model.config.auto_map = auto_map
+    model.config.save_pretrained(folder)

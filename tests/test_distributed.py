@@ -48,3 +48,31 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=f"ranks differ: {name}")
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6, msg=f"DDP != 1 process: {name}")
     assert any(not torch.equal(rank0[name], start[name]) for name in rank0)  # it did train
+
+
+def test_saving_under_fsdp2_keeps_the_bcos_model_code(tmp_path, monkeypatch):
+    """FSDP2 swaps the model's class for a subclass defined in torch; saved folders must still carry the B-cos
+    code and auto_map (checked on a GPU with accelerate's FSDP2; here the class swap alone is reproduced)."""
+    import json
+    import types
+
+    from transformers import AutoModelForImageClassification
+
+    from bcos_hf.training import BcosTrainer, BcosTrainingArguments
+
+    model = load(save_tiny_bcos(tmp_path / "model"))
+    args = BcosTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    trainer = BcosTrainer(model, args)
+    fsdp_file = Path(torch.__file__).parent / "distributed" / "fsdp" / "_fully_shard" / "_fully_shard.py"
+    module = types.ModuleType("torch.distributed.fsdp._fully_shard._fully_shard_test")
+    module.__file__ = str(fsdp_file)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    wrapped = type(f"FSDP{type(model).__name__}", (type(model),), {"__module__": module.__name__})
+    model.__class__ = wrapped
+
+    trainer._save(str(tmp_path / "saved"))
+    saved = tmp_path / "saved"
+    assert (saved / "modeling_bcos.py").is_file() and not list(saved.glob("_fsdp*.py"))
+    auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageClassification"] == "modeling_bcos.BcosForImageClassification"
+    assert type(AutoModelForImageClassification.from_pretrained(saved)).__name__ == "BcosForImageClassification"

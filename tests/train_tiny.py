@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save_steps", type=int, default=0, help="0: no checkpoints")
     parser.add_argument("--step_delay", type=float, default=0.0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="train on the accelerator (default: CPU)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     options = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         save_steps=options.save_steps or 500,
         logging_steps=1,
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=not options.gpu,
+        bf16=options.precision == "bf16",
+        fp16=options.precision == "fp16",
         seed=0,
         data_seed=0,
     )
@@ -95,8 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     trainer = BcosTrainer(load(options.model_dir), args, train_dataset=TinyImages(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     rank = int(os.environ.get("RANK", "0"))
-    weights = {name: tensor.detach().contiguous() for name, tensor in trainer.model.state_dict().items()}
-    save_file(weights, str(options.output_dir / f"final-rank{rank}.safetensors"))
+    parameter = next(trainer.model_wrapped.parameters())
+    print(f"train_tiny: rank {rank}, fsdp {trainer.is_fsdp_enabled}, parameters are {type(parameter).__name__}")
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered under FSDP (on rank 0)
+    if state:
+        weights = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+        save_file(weights, str(options.output_dir / f"final-rank{rank}.safetensors"))
 
 
 if __name__ == "__main__":
