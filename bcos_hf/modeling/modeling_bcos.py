@@ -80,10 +80,15 @@ def check_pixel_values(pixel_values: torch.Tensor | None) -> None:
     )
 
 
-def build_network(config: BcosConfig, task: str) -> PreTrainedModel:
+def source_network_class(config: BcosConfig, task: str) -> type[PreTrainedModel]:
+    """The transformers class the B-cos model wraps for ``task`` (the recorded variant, e.g. distilled DeiT)."""
+    adapter = get_adapter(config.source_config.model_type)
+    return getattr(transformers, adapter.source_class(task, config.source_architecture))
+
+
+def build_network(config: BcosConfig, network_class: type[PreTrainedModel]) -> PreTrainedModel:
     """Build the source architecture from ``config.source_config`` and rewrite it the way the converter did."""
     adapter = get_adapter(config.source_config.model_type)
-    network_class = getattr(transformers, adapter.source_class(task, config.source_architecture))
     network = network_class(config.source_config)
     options = RewriteOptions(
         b=config.b, keep_bias=config.keep_bias, normalize_weights=config.normalize_weights, adapter=adapter
@@ -115,11 +120,11 @@ class BcosPreTrainedModel(PreTrainedModel):
         # The config setter hands attention choices down to sub-configs, except at init: do it here, so the
         # source network dispatches to the attention kernel that was checked for this model. Architectures
         # without attention (ConvNeXt, ResNet, MobileNetV2) refuse every kernel choice: they keep their default.
-        source_class = getattr(transformers, get_adapter(config.source_config.model_type).model_classes[self.task])
-        if source_class._supports_sdpa:
+        network_class = source_network_class(config, self.task)
+        if network_class._supports_sdpa:
             config.source_config._attn_implementation = config._attn_implementation
         if network is None:
-            network = build_network(config, self.task)
+            network = build_network(config, network_class)
         else:
             for module in network.modules():
                 module._is_hf_initialized = True  # converted weights: post_init must not re-initialise them

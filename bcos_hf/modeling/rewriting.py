@@ -103,7 +103,15 @@ class ArchitectureAdapter:
 
     def source_class(self, task: str, recorded: str | None = None) -> str:
         """The class to rebuild for ``task``: the ``recorded`` source class when it is a variant of that task."""
-        return recorded if recorded and self.variant_classes.get(recorded) == task else self.model_classes[task]
+        if recorded and self.variant_classes.get(recorded) == task:
+            return recorded
+        if task not in self.model_classes:
+            raise UnsupportedModelError(
+                f"A B-cos {self.model_type} model converted from {recorded} cannot be loaded as a {task!r} model; "
+                f"this family converts {', '.join(self.model_classes.values())}. Load it with the Auto class of "
+                "its own task (see the model card)."
+            )
+        return self.model_classes[task]
 
 
 def _linear_rule(module: nn.Linear, path: str, options: RewriteOptions) -> nn.Module:
