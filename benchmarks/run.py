@@ -42,6 +42,7 @@ from torch import nn
 
 import bcos_hf
 from bcos_hf.convert import convert
+from bcos_hf.modeling import bcos_layers
 
 from .models import FULL_SIZE, TINY, ModelSpec, build_original
 
@@ -271,24 +272,22 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 def check_fused_kernels(device: torch.device) -> dict:
     """The fused CUDA kernels against their PyTorch fallback on random data: largest relative error."""
-    from bcos_hf.modeling import bcos_layers as layers
-
     worst = 0.0
     for dtype in (torch.float32, torch.bfloat16):
         for shape in ((512, 384, 1), (8, 96, 3136)):  # linear rows, conv windows
             grad, out = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
             norm = torch.rand(shape[0], 1, shape[2], device=device) * 10 + 0.5
-            y = layers._scale2_forward(out, norm)
+            y = bcos_layers._scale2_forward(out, norm)
             cases = [
-                (layers._scale2_forward, (out, norm)),
-                (layers._scale2_backward, (grad, y, norm)),
-                (layers._scale2_backward_detached, (grad, y, norm)),
-                (layers._scale_forward, (out, norm, 2.5)),
-                (layers._scale_backward, (grad, out, norm, 2.5)),
-                (layers._scale_backward_detached, (grad, out, norm, 2.5)),
+                (bcos_layers._scale2_forward, (out, norm)),
+                (bcos_layers._scale2_backward, (grad, y, norm)),
+                (bcos_layers._scale2_backward_detached, (grad, y, norm)),
+                (bcos_layers._scale_forward, (out, norm, 2.5)),
+                (bcos_layers._scale_backward, (grad, out, norm, 2.5)),
+                (bcos_layers._scale_backward_detached, (grad, out, norm, 2.5)),
             ]
             for kernel, arguments in cases:
-                fused = layers._fused(kernel, out)
+                fused = bcos_layers._fused(kernel, out)
                 assert fused is not kernel, "the fused path is not taken on CUDA"
                 for got, want in zip(
                     torch.utils._pytree.tree_leaves(fused(*arguments)),
@@ -303,6 +302,7 @@ def check_fused_kernels(device: torch.device) -> dict:
 def environment(devices: list[torch.device]) -> dict:
     info = {
         "python": platform.python_version(),
+        "fused_cuda_kernels": bcos_layers.FUSE_ON_CUDA,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "bcos_hf": bcos_hf.__version__,
@@ -379,6 +379,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="torch CPU threads (default: torch's choice); on a shared, busy machine 1 avoids waiting at barriers",
     )
+    parser.add_argument(
+        "--no-fuse", action="store_true", help="B-cos layers without fused CUDA kernels (PyTorch fallback)"
+    )
     parser.add_argument("--out", default="outputs/benchmarks", help="folder for results.json and results.md")
     return parser.parse_args(argv)
 
@@ -387,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
+    bcos_layers.FUSE_ON_CUDA = not args.no_fuse
     if args.devices is None:
         device_names = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
@@ -413,7 +417,15 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     }
     notes, rows, conversions = [], [], []
-    fused = [check_fused_kernels(device) for device in devices if device.type == "cuda"]
+    fused = []
+    for device in devices:
+        if device.type == "cuda":
+            try:
+                fused.append(check_fused_kernels(device))
+            except Exception as error:  # a broken compiler must not cost the whole run: measure unfused
+                bcos_layers.FUSE_ON_CUDA = False
+                fused.append({"device": str(device), "ok": False, "max_relative_error": float("nan")})
+                notes.append(f"Fused kernels unavailable ({error!r}); B-cos ran with the PyTorch fallback.")
     for spec in specs:
         if spec.model_type not in bcos_hf.ADAPTERS:
             notes.append(f"{spec.name} skipped: no adapter for model_type {spec.model_type!r} yet.")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bcos_hf import BcosConv2d, BcosLinear
+from bcos_hf import BcosConv2d, BcosLayerNorm, BcosLinear
 from bcos_hf.convert import convert
 from bcos_hf.modeling import bcos_layers
 from bcos_hf.modeling.bcos_layers import NORM_EPS, SCALE_EPS, bcos_scale
@@ -98,10 +98,41 @@ def test_scale_function_gradcheck(b, detach):
         assert torch.autograd.gradcheck(lambda o, n: bcos_scale(o, n, b, detach), (out, norm))
 
 
+def plain_explained_layer_norm(norm: BcosLayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm with the standard deviation detached, as plain autograd ops (bcos.md §1)."""
+    x = x.permute(0, 2, 3, 1) if norm.channels_first else x
+    centred = x - x.mean(dim=-1, keepdim=True)
+    out = centred / (centred.square().mean(dim=-1, keepdim=True) + norm.eps).sqrt().detach() * norm.weight
+    out = out + norm.bias if norm.bias is not None else out
+    return out.permute(0, 3, 1, 2) if norm.channels_first else out
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_explained_layer_norm_equals_the_plain_formula(channels_first, bias):
+    """Explanation-mode LayerNorm: values and gradients (input, weight, bias) of the detached-variance formula."""
+    norm = BcosLayerNorm.from_module(nn.LayerNorm(6), keep_bias=bias, channels_first=channels_first).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm.explaining = True
+    x = torch.randn((2, 6, 3, 3) if channels_first else (2, 5, 6), dtype=torch.float64, requires_grad=True)
+    expected, actual = plain_explained_layer_norm(norm, x), norm(x)
+    torch.testing.assert_close(actual, expected)
+    upstream = torch.randn_like(expected)
+    inputs = (x, *norm.parameters())
+    for got, want in zip(
+        torch.autograd.grad(actual, inputs, upstream), torch.autograd.grad(expected, inputs, upstream), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
 def _all_kernels(grad, out, norm):
     """Every elementwise kernel of the fast path, so that one compilation covers them all."""
     y = bcos_layers._scale2_forward(out, norm)
+    weight = torch.linspace(0.5, 1.5, out.shape[-1])
     return (
+        bcos_layers._layer_norm_input_grad(grad, weight, norm, (-1,)),
+        bcos_layers.ACTIVATION_GATES["gelu"](out.float()),  # in bf16, eager rounds every step and inductor once
         y,
         *bcos_layers._scale2_backward(grad, y, norm),
         bcos_layers._scale2_backward_detached(grad, y, norm),

@@ -425,6 +425,44 @@ class DetachableLinear(nn.Linear, ExplainableMixin):
         return out.detach() if self.explaining else out
 
 
+def _layer_norm_input_grad(
+    grad: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, dims: tuple[int, ...]
+) -> torch.Tensor:
+    """The input gradient of ``(x - mean(x)) * rstd * weight`` with ``rstd`` a constant."""
+    scaled = _wide(grad) if weight is None else _wide(grad) * weight
+    return (scaled - scaled.mean(dim=dims, keepdim=True)).mul_(rstd)
+
+
+class _LayerNormDetachedVariance(torch.autograd.Function):
+    """LayerNorm in explanation mode: the values of one fused layer-norm kernel (float32), and a backward in
+    which the variance is a constant, so only the mean subtraction and the affine map carry gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, normalized_shape: tuple[int, ...], eps: float) -> torch.Tensor:
+        weight_wide = None if weight is None else _wide(weight)
+        bias_wide = None if bias is None else _wide(bias)
+        with torch.autocast(x.device.type, enabled=False):
+            out, mean, rstd = torch.native_layer_norm(_wide(x), normalized_shape, weight_wide, bias_wide, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.dims = tuple(range(-len(normalized_shape), 0))
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        leading = tuple(range(grad.ndim - len(ctx.dims)))
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _fused(_layer_norm_input_grad, grad)(grad, weight, rstd, ctx.dims).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            normalised = (_wide(x) - mean).mul_(rstd)
+            grad_weight = (_wide(grad) * normalised).sum(dim=leading).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = _wide(grad).sum(dim=leading).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
 class BcosLayerNorm(nn.LayerNorm, ExplainableMixin):
     """LayerNorm whose variance is detached in explanation mode (the mean subtraction is linear and stays).
 
@@ -453,16 +491,7 @@ class BcosLayerNorm(nn.LayerNorm, ExplainableMixin):
         if self.channels_first:
             x = x.permute(0, 2, 3, 1)
         if self.explaining:
-            dims = tuple(range(-len(self.normalized_shape), 0))
-            x32 = x.float()
-            centred = x32 - x32.mean(dim=dims, keepdim=True)
-            std = (centred.square().mean(dim=dims, keepdim=True) + self.eps).sqrt()
-            out = centred / std.detach()
-            if self.weight is not None:
-                out = out * self.weight
-            if self.bias is not None:
-                out = out + self.bias
-            out = out.to(x.dtype)
+            out = _LayerNormDetachedVariance.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps)
         else:
             out = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return out.permute(0, 3, 1, 2) if self.channels_first else out
@@ -587,7 +616,7 @@ ACTIVATION_GATES = {
     "gelu": _gelu_gate,
     "gelu_tanh": _gelu_tanh_gate,
     "quick_gelu": lambda x: torch.sigmoid(1.702 * x),
-    "silu": torch.sigmoid,
+    "silu": lambda x: torch.sigmoid(x),
     "relu": lambda x: (x > 0).to(x.dtype),
     "relu6": lambda x: torch.where(x > 0, F.relu6(x) / x.clamp_min(1e-12), torch.zeros_like(x)),
     "tanh": _ratio_gate(torch.tanh),
@@ -611,7 +640,8 @@ class DetachableActivation(nn.Module, ExplainableMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.explaining:
             return self.activation(x)
-        return x * ACTIVATION_GATES[self.gate](x).detach()
+        gate = ACTIVATION_GATES[self.gate]
+        return x * _fused(gate, x)(x.detach())
 
     def extra_repr(self) -> str:
         return f"gate={self.gate!r}"
