@@ -9,6 +9,29 @@ from string import Template
 
 TEMPLATE = "bcos_model_card.md"
 
+USAGE = {
+    "classification": (
+        "image-classification",
+        "AutoModelForImageClassification",
+        "AutoImageProcessor",
+        'print(pipe("cat.jpg"))',
+    ),
+    "zero-shot": (
+        "zero-shot-image-classification",
+        "AutoModel",
+        "AutoProcessor",
+        'print(pipe("cat.jpg", candidate_labels=["a photo of a cat", "a photo of a dog"]))',
+    ),
+    "backbone": ("image-feature-extraction", "AutoModel", "AutoImageProcessor", 'features = pipe("cat.jpg")'),
+}
+"""Per kind of B-cos model: pipeline task, Auto class, processor class and a pipeline call for the card."""
+
+
+def _model_kind(model_class: str) -> str:
+    if "ForImageClassification" in model_class:
+        return "classification"
+    return "zero-shot" if model_class in ("BcosCLIPModel", "BcosSiglipModel") else "backbone"
+
 
 def _template() -> Template:
     return Template(files("bcos_hf.model_cards").joinpath(TEMPLATE).read_text())
@@ -35,7 +58,8 @@ def render_model_card(
     base_model = config.source_checkpoint or "unknown"
     model_id = model_id or (Path(config.name_or_path).name if config.name_or_path else "path/to/model")
     is_local = Path(base_model).exists() or base_model.startswith((".", "/"))
-    classifies = "ForImageClassification" in (config.architectures or ["ForImageClassification"])[0]
+    model_class = (config.architectures or ["BcosForImageClassification"])[0]
+    pipeline_tag, auto_class, processor_class, pipeline_call = USAGE[_model_kind(model_class)]
     conversion = (
         "```json\n" + json.dumps(report, indent=2) + "\n```"
         if report
@@ -49,15 +73,17 @@ def render_model_card(
     )
     rendered_sections = "".join(f"## {title}\n\n{body.strip()}\n\n" for title, body in (sections or {}).items())
     return _template().substitute(
-        pipeline_tag="image-classification" if classifies else "image-feature-extraction",
+        pipeline_tag=pipeline_tag,
         base_model=base_model,
         base_model_link=base_model if is_local else f"https://huggingface.co/{base_model}",
         model_name=f"{model_id} (B-cos)",
         model_id=model_id,
-        auto_class="AutoModelForImageClassification" if classifies else "AutoModel",
+        auto_class=auto_class,
+        processor_class=processor_class,
+        pipeline_call=pipeline_call,
         bcos_hf_version=config.bcos_hf_version or "",
         source_architecture=config.source_architecture or config.source_config.model_type,
-        model_class=(config.architectures or ["BcosModel"])[0],
+        model_class=model_class,
         b=f"{config.b:g}",
         keep_bias="yes" if config.keep_bias else "no",
         logit_bias=f"{config.logit_bias:.4g}",
