@@ -177,13 +177,14 @@ def bcos_scale(out: torch.Tensor, norm: torch.Tensor, b: float, detach_scale: bo
 
 
 def _norm_from_squares(norm_sq: torch.Tensor) -> torch.Tensor:
-    return (norm_sq + NORM_EPS).sqrt()
+    """``sqrt(norm_sq + eps)``, in place: ``norm_sq`` is always a fresh tensor here."""
+    return norm_sq.add_(NORM_EPS).sqrt_()
 
 
 def _row_norm_value(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(||x||^2 + eps)`` over the last dimension, float32 (or float64), one reduction kernel."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _norm_from_squares(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square())
+    return _norm_from_squares(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square_())
 
 
 class _RowNorm(torch.autograd.Function):
