@@ -270,10 +270,10 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return checks
 
 
-def check_fused_kernels(device: torch.device) -> dict:
+def check_fused_kernels(device: torch.device, dtypes: list[torch.dtype]) -> dict:
     """The fused CUDA kernels against their PyTorch fallback on random data: largest relative error."""
     worst = 0.0
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         for shape in ((512, 384, 1), (8, 96, 3136)):  # linear rows, conv windows
             grad, out = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
             norm = torch.rand(shape[0], 1, shape[2], device=device) * 10 + 0.5
@@ -416,40 +416,46 @@ def main(argv: list[str] | None = None) -> dict:
             iterations=args.iterations or (2 if args.quick else 15),
         ),
     }
-    notes, rows, conversions = [], [], []
-    fused = []
-    for device in devices:
-        if device.type == "cuda":
-            try:
-                fused.append(check_fused_kernels(device))
-            except Exception as error:  # a broken compiler must not cost the whole run: measure unfused
-                bcos_layers.FUSE_ON_CUDA = False
-                fused.append({"device": str(device), "ok": False, "max_relative_error": float("nan")})
-                notes.append(f"Fused kernels unavailable ({error!r}); B-cos ran with the PyTorch fallback.")
-    for spec in specs:
-        if spec.model_type not in bcos_hf.ADAPTERS:
-            notes.append(f"{spec.name} skipped: no adapter for model_type {spec.model_type!r} yet.")
-            continue
-        model_rows, record = benchmark_pair(spec, devices, dtypes, settings)
-        rows += model_rows
-        conversions.append(record)
     results = {
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "environment": environment(devices),
         "settings": {name: vars(value) for name, value in settings.items()},
-        "rows": rows,
-        "conversions": conversions,
-        "targets": check_targets(rows),
-        "fused_kernels": fused,
-        "notes": notes,
+        "rows": [],
+        "conversions": [],
+        "targets": [],
+        "fused_kernels": [],
+        "notes": [],
     }
+    for device in devices:
+        if device.type == "cuda" and bcos_layers.FUSE_ON_CUDA:
+            try:
+                results["fused_kernels"].append(check_fused_kernels(device, [DTYPES[name] for name in dtypes]))
+            except Exception as error:  # a broken compiler must not cost the whole run: measure unfused
+                bcos_layers.FUSE_ON_CUDA = False
+                results["environment"]["fused_cuda_kernels"] = False
+                results["notes"].append(f"Fused kernels unavailable ({error!r}); B-cos ran with the PyTorch fallback.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        if spec.model_type not in bcos_hf.ADAPTERS:
+            results["notes"].append(f"{spec.name} skipped: no adapter for model_type {spec.model_type!r} yet.")
+            continue
+        model_rows, record = benchmark_pair(spec, devices, dtypes, settings)
+        results["rows"] += model_rows
+        results["conversions"].append(record)
+        results["targets"] = check_targets(results["rows"])
+        write_results(results, out)  # after every model, so that an interrupted run keeps what it measured
+    table = write_results(results, out)
+    print(table)
+    return results
+
+
+def write_results(results: dict, out: Path) -> str:
+    """Write ``results.json`` and ``results.md`` to ``out``; return the markdown."""
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     (out / "results.md").write_text(table)
-    print(table)
-    return results
+    return table
 
 
 if __name__ == "__main__":
