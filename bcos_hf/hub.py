@@ -32,6 +32,11 @@ def _latest(log_history: list[dict], key_filter) -> tuple[str, float] | None:
     return None
 
 
+def _value(option) -> str:
+    """An enum option (``OptimizerNames.ADAMW_TORCH``) as users write it (``adamw_torch``)."""
+    return str(getattr(option, "value", option))
+
+
 def explanation_section(folder: Path) -> dict[str, str]:
     """A card section showing ``explanations.png`` when the folder has one."""
     if not (Path(folder) / EXPLANATION_PICTURE).is_file():
@@ -76,8 +81,8 @@ def training_card_details(trainer, dataset: str | list[str] | None = None, **_ig
     hyper_parameters = {
         "loss": args.loss + (f" (wrong-class target {args.bce_off_target:g})" if args.bce_off_target else ""),
         "distillation": distillation,
-        "optimiser": f"{args.optim}, learning rate {args.learning_rate:g}, weight decay {args.weight_decay:g}",
-        "schedule": f"{args.lr_scheduler_type}, warm-up {args.warmup_steps:g}",
+        "optimiser": f"{_value(args.optim)}, learning rate {args.learning_rate:g}, weight decay {args.weight_decay:g}",
+        "schedule": f"{_value(args.lr_scheduler_type)}, warm-up {args.warmup_steps:g}",
         "batch": f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
         f"x {args.world_size} processes",
         "gradient clipping": (

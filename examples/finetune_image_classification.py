@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    set_seed,
+)
 
 import bcos_hf  # noqa: F401  (registers the B-cos Auto classes)
 from bcos_hf.convert import convert
@@ -62,17 +68,22 @@ def prepare_model(options: ScriptArguments, work: Path):
     conversion = convert(
         source_with_labels(source, FASHION_MNIST_LABELS), work / "converted", image_processor=processor
     )
-    print(
-        f"Converted {source} -> {work / 'converted'} (equivalence max |diff| {conversion.report.equivalence_max_abs_diff:.2g})"
-    )
-    return conversion.model.float(), conversion.image_processor
+    gap = conversion.report.equivalence_max_abs_diff
+    print(f"Converted {source} -> {work / 'converted'} (equivalence max |diff| {gap:.2g})")
+    # Loaded back from its folder, the model knows where its conversion report is (the model card shows it).
+    model = AutoModelForImageClassification.from_pretrained(work / "converted", dtype=torch.float32)
+    return model, conversion.image_processor
 
 
 def explanation_picture(model, collator: ImageClassificationCollator, examples: list[dict], path: Path) -> None:
     """The images and their B-cos explanations (predicted class), in one row, upscaled."""
     batch = collator(examples)
     explanation = model.explain(batch["pixel_values"].to(model.device))
-    tiles = [tile.convert("RGB") for tile in explanation.explanation_images(with_image=True)]
+    tiles = []
+    for picture in explanation.explanation_images(with_image=True):  # RGBA: opacity = strength of the evidence
+        tile = Image.new("RGB", picture.size, "black")
+        tile.paste(picture, mask=picture.getchannel("A"))
+        tiles.append(tile)
     scale = max(1, 128 // tiles[0].height)
     tiles = [tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST) for tile in tiles]
     canvas = Image.new("RGB", (sum(tile.width for tile in tiles), tiles[0].height))
@@ -89,6 +100,7 @@ def main() -> dict:
 
     train = load_fashion_mnist("train", limit=options.train_size)
     test = load_fashion_mnist("test", limit=options.test_size)
+    set_seed(args.seed)  # the new 10-class head is initialised here, before the Trainer seeds itself
     model, processor = prepare_model(options, output / "source")
     collator = ImageClassificationCollator(processor, num_labels=len(FASHION_MNIST_LABELS))
     trainer = BcosTrainer(
