@@ -415,6 +415,37 @@ def grid_pointing_game(
     return {name: LocalisationResult.from_scores(name, grid, values, len(grids)) for name, values in scores.items()}
 
 
+SQUARE_COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0),
+    "white": (1.0, 1.0, 1.0),
+    "black": (0.0, 0.0, 0.0),
+    "orange": (1.0, 0.5, 0.0),
+}
+
+
+def coloured_squares(
+    count: int, seed: int, num_classes: int = 4, size: int = 16, square: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task whose answer is known, to check an attribution method or this benchmark: grey-noise images with
+    one square of the class's colour (``SQUARE_COLOURS``, first ``num_classes``) at a random place.
+
+    Returns (images (count, 3, size, size) in [0, 1], labels (count,)).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    images = 0.3 + 0.4 * torch.rand(count, 3, size, size, generator=generator)
+    labels = torch.randint(0, num_classes, (count,), generator=generator)
+    corners = torch.randint(0, size - square + 1, (count, 2), generator=generator)
+    colours = torch.tensor(list(SQUARE_COLOURS.values())[:num_classes])
+    for image, label, (y, x) in zip(images, labels, corners.tolist(), strict=True):
+        image[:, y : y + square, x : x + square] = colours[label][:, None, None]
+    return images, labels
+
+
 def format_results(results: Sequence[LocalisationResult]) -> str:
     """A small Markdown table: method, grid, mean, median, chance, grids."""
     lines = ["| method | grid | mean | p25 | median | p75 | chance | grids |", "|---|---|---|---|---|---|---|---|"]

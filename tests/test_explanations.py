@@ -15,6 +15,7 @@ from bcos_hf.cli import main
 from bcos_hf.convert import convert
 from bcos_hf.modeling.bcos_layers import ExplainableMixin
 
+from .conftest import run_without_bcos_hf
 from .families import FAMILIES, save_family
 
 LABELS = {0: "cat", 1: "dog", 2: "car"}
@@ -262,3 +263,28 @@ def test_clip_explains_image_text_similarity_per_prompt(tmp_path, name):
         model.explain(images, text="a dog")
     with pytest.raises(ValueError, match="Unknown label 'a cat'"):
         model.explain(images, target="a cat", text=PROMPTS)
+
+
+def test_explain_works_under_remote_code_without_bcos_hf(tmp_path):
+    """The explanation code travels with the saved model: same contributions, constants folded, in a Python
+    where bcos_hf cannot be imported."""
+    model, images = converted("vit")
+    calibrate(model, images)
+    model.save_pretrained(tmp_path / "bcos")
+    expected = model.explain(images, target="car")
+    torch.save({"images": images, "contributions": expected.contributions}, tmp_path / "expected.pt")
+    run_without_bcos_hf(
+        f"""
+        import torch
+        from transformers import AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained({str(tmp_path / "bcos")!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        saved = torch.load({str(tmp_path / "expected.pt")!r})
+        explanation = model.explain(saved["images"], target="car")
+        torch.testing.assert_close(explanation.contributions, saved["contributions"])
+        mass = explanation.contributions.abs().sum(dim=(1, 2))
+        assert (explanation.residual.abs() <= 1e-4 * mass).all(), explanation.residual
+        assert explanation.explanation_images()[0].mode == "RGBA"
+        """,
+        tmp_path / "hf_home",
+    )

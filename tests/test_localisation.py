@@ -15,7 +15,9 @@ from PIL import Image
 from bcos_hf.cli import main
 from bcos_hf.convert import convert
 from bcos_hf.localisation import (
+    SQUARE_COLOURS,
     ImageDataset,
+    coloured_squares,
     confident_images,
     grad_cam,
     grid_pointing_game,
@@ -28,20 +30,8 @@ from bcos_hf.localisation import (
 
 from .families import FAMILIES
 
-COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0)}
-SIZE, SQUARE = 16, 5
-
-
-def coloured_squares(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grey noise images with one square of the class's colour at a random place."""
-    generator = torch.Generator().manual_seed(seed)
-    images = 0.3 + 0.4 * torch.rand(count, 3, SIZE, SIZE, generator=generator)
-    labels = torch.randint(0, len(COLOURS), (count,), generator=generator)
-    corners = torch.randint(0, SIZE - SQUARE + 1, (count, 2), generator=generator)
-    colours = torch.tensor(list(COLOURS.values()))
-    for image, label, (y, x) in zip(images, labels, corners.tolist(), strict=True):
-        image[:, y : y + SQUARE, x : x + SQUARE] = colours[label][:, None, None]
-    return images, labels
+COLOURS = list(SQUARE_COLOURS)[:4]
+SIZE = 16
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -145,7 +135,7 @@ def test_cli_on_an_imagefolder_and_a_datasets_object(trained_vit, tmp_path, caps
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     images, labels = coloured_squares(48, seed=11)
-    names = list(COLOURS)
+    names = COLOURS
     pictures = []
     for index, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
         folder = tmp_path / "data" / "train" / names[label]
