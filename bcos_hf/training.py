@@ -4,9 +4,10 @@
 (``shared/reference/bcos.md`` §3.4): binary cross-entropy with targets 1 for the true class and 1/C elsewhere
 on logits that already carry the model's logit bias, adaptive gradient clipping instead of global-norm
 clipping, AdamW with a cosine schedule. It adds the paper's ablation schedules (B ramped up from 1, decay of
-the biases) and distillation from the original model (KL on logits for classifiers). Everything else is the
-Trainer: mixed precision, DDP/FSDP under ``torchrun`` or ``accelerate launch``, safetensors checkpoints,
-``resume_from_checkpoint`` and ``push_to_hub`` (with a B-cos model card).
+the biases) and distillation from the original model (KL on logits for classifiers, SigLIP on the image
+embeddings for CLIP). Everything else is the Trainer: mixed precision, DDP/FSDP under ``torchrun`` or
+``accelerate launch``, safetensors checkpoints, ``resume_from_checkpoint`` and ``push_to_hub`` (with a B-cos
+model card).
 
     args = BcosTrainingArguments(output_dir="out", max_steps=1000)
     trainer = BcosTrainer(model, args, train_dataset=train, eval_dataset=test,
@@ -326,7 +327,7 @@ class BcosTrainer(Trainer):
         model: a B-cos model: a ``BcosForImageClassification`` (label loss, optionally with distillation) or a
             ``BcosCLIPModel``/``BcosSiglipModel`` (image-embedding distillation, SigLIP loss; only the image
             tower trains). Anything else raises with how to convert it.
-        args: ``BcosTrainingArguments`` (plain ``TrainingArguments`` get the recipe's extra fields' defaults).
+        args: ``BcosTrainingArguments`` (plain ``TrainingArguments`` raise: they lack the recipe's fields).
         teacher: frozen teacher for distillation (required for CLIP): the original (non-B-cos) model the student
             was converted from. It is prepared by accelerate in evaluation mode, outside the student, the optimiser
             and DDP; it sees the images normalised as the source expects (``config.input_mean/std``).
