@@ -156,15 +156,17 @@ def test_fused_kernels_match_their_pytorch_fallback():
 
 
 def test_fused_path_is_used_only_on_cuda_and_never_inside_compile(monkeypatch):
-    cpu = torch.zeros(1)
-    assert bcos_layers._fused(bcos_layers._scale2_forward, cpu) is bcos_layers._scale2_forward
+    out, norm = torch.randn(2, 3, 1), torch.rand(2, 1, 1) + 1
+    assert bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm)) is None
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(bcos_layers, "_COMPILED", {})
-    compiled = bcos_layers._fused(bcos_layers._scale2_forward, cpu)
-    assert compiled is not bcos_layers._scale2_forward
-    assert bcos_layers._fused(bcos_layers._scale2_forward, cpu) is compiled  # compiled once, then reused
+    compiled = bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm))
+    assert compiled is not None
+    assert bcos_layers._compiled(bcos_layers._scale2_forward, (out * 2, norm)) is compiled  # once per kind
+    conv_like = bcos_layers._compiled(bcos_layers._scale2_forward, (torch.randn(2, 3, 4), torch.rand(2, 1, 4)))
+    assert conv_like is not None and conv_like is not compiled  # another kind of call: another copy
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert bcos_layers._fused(bcos_layers._scale2_forward, cpu) is bcos_layers._scale2_forward
+    assert bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm)) is None
 
 
 def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:

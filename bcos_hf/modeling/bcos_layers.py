@@ -15,7 +15,8 @@ This file is part of the remote-loadable model code: it imports only torch and s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -51,7 +52,7 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 # Elementwise kernels on (A, C, B) views: ``out`` and the gradients are (A, C, B), ``norm`` is (A, 1, B) in
 # float32 and broadcasts over the C output units that share one input row (linear) or window (conv group).
-# The arithmetic is float32 whatever the storage dtype. Each is one fused kernel on CUDA (``_fused``), plain
+# The arithmetic is float32 whatever the storage dtype. Each is one fused kernel on CUDA (``_launch``), plain
 # PyTorch elsewhere and while an enclosing ``torch.compile`` traces the model (it fuses them itself).
 
 
@@ -118,18 +119,39 @@ FUSE_ON_CUDA = True
 _COMPILED: dict = {}
 
 
-def _fused(kernel, tensor: torch.Tensor):
-    """``kernel`` compiled into one fused kernel when ``tensor`` is on CUDA, else ``kernel`` itself.
+def _call_kind(arg):
+    """What a compiled kernel specialises on in an argument (beyond sizes, which are dynamic)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.is_inference(), tuple(size == 1 for size in arg.shape), arg.is_contiguous()
+    return arg
 
-    Compiled lazily, once per kernel with dynamic shapes, so layers of every size share it; never while an
-    enclosing ``torch.compile`` traces (it fuses the plain kernel into its own graph).
+
+def _compiled(kernel: Callable, args: tuple) -> Callable | None:
+    """The fused (``torch.compile``d) copy of ``kernel`` for these arguments on CUDA; None where the plain
+    kernel runs: on other devices, and while an enclosing ``torch.compile`` traces (it fuses it itself).
+
+    Compiled lazily with dynamic shapes, so layers of every size share a copy. Each kind of call (dtypes,
+    inference tensors, which sizes are 1: linear rows, conv windows, depthwise groups; contiguity) gets its
+    own copy of the function, hence its own code object: dynamo keeps only a few specialisations per code
+    object. Arguments are passed detached (the kernels run inside autograd functions): no grad guards.
     """
-    if not (FUSE_ON_CUDA and tensor.is_cuda) or torch.compiler.is_compiling():
-        return kernel
-    compiled = _COMPILED.get(kernel)
+    if not (FUSE_ON_CUDA and args[0].is_cuda) or torch.compiler.is_compiling():
+        return None
+    key = (kernel, *(_call_kind(arg) for arg in args))
+    compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = _COMPILED[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
+        code = kernel.__code__.replace()  # a fresh code object: its own dynamo cache
+        copy = types.FunctionType(code, kernel.__globals__, kernel.__name__, kernel.__defaults__, kernel.__closure__)
+        compiled = _COMPILED[key] = torch.compile(copy, dynamic=True)
     return compiled
+
+
+def _launch(kernel: Callable, *args):
+    """Run ``kernel`` fused on CUDA, plainly elsewhere (see ``_compiled``)."""
+    compiled = _compiled(kernel, args)
+    if compiled is None:
+        return kernel(*args)
+    return compiled(*(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args))
 
 
 class _BcosScale(torch.autograd.Function):
@@ -139,10 +161,10 @@ class _BcosScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: torch.Tensor, norm: torch.Tensor, b: float, detached: bool) -> torch.Tensor:
         if b == 2:
-            y = _fused(_scale2_forward, out)(out, norm)
+            y = _launch(_scale2_forward, out, norm)
             ctx.save_for_backward(y, norm)
         else:
-            y = _fused(_scale_forward, out)(out, norm, b)
+            y = _launch(_scale_forward, out, norm, b)
             ctx.save_for_backward(out, norm)
         ctx.b, ctx.detached = b, detached
         return y
@@ -153,12 +175,12 @@ class _BcosScale(torch.autograd.Function):
         b = ctx.b
         if ctx.detached:
             if b == 2:
-                return _fused(_scale2_backward_detached, grad)(grad, saved, norm), None, None, None
-            return _fused(_scale_backward_detached, grad)(grad, saved, norm, b), None, None, None
+                return _launch(_scale2_backward_detached, grad, saved, norm), None, None, None
+            return _launch(_scale_backward_detached, grad, saved, norm, b), None, None, None
         if b == 2:
-            grad_out, grad_norm = _fused(_scale2_backward, grad)(grad, saved, norm)
+            grad_out, grad_norm = _launch(_scale2_backward, grad, saved, norm)
         else:
-            grad_out, grad_norm = _fused(_scale_backward, grad)(grad, saved, norm, b)
+            grad_out, grad_norm = _launch(_scale_backward, grad, saved, norm, b)
         return grad_out, grad_norm, None, None
 
 
@@ -172,8 +194,8 @@ def bcos_scale(out: torch.Tensor, norm: torch.Tensor, b: float, detach_scale: bo
     if torch.is_grad_enabled():
         return _BcosScale.apply(out, norm, b, detach_scale)
     if b == 2:
-        return _fused(_scale2_forward, out)(out, norm)
-    return _fused(_scale_forward, out)(out, norm, b)
+        return _launch(_scale2_forward, out, norm)
+    return _launch(_scale_forward, out, norm, b)
 
 
 def _norm_from_squares(norm_sq: torch.Tensor) -> torch.Tensor:
@@ -455,7 +477,7 @@ class _LayerNormDetachedVariance(torch.autograd.Function):
         leading = tuple(range(grad.ndim - len(ctx.dims)))
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _fused(_layer_norm_input_grad, grad)(grad, weight, rstd, ctx.dims).to(x.dtype)
+            grad_x = _launch(_layer_norm_input_grad, grad, weight, rstd, ctx.dims).to(x.dtype)
         if ctx.needs_input_grad[1]:
             normalised = (_wide(x) - mean).mul_(rstd)
             grad_weight = (_wide(grad) * normalised).sum(dim=leading).to(weight.dtype)
@@ -641,8 +663,7 @@ class DetachableActivation(nn.Module, ExplainableMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.explaining:
             return self.activation(x)
-        gate = ACTIVATION_GATES[self.gate]
-        return x * _fused(gate, x)(x.detach())
+        return x * _launch(ACTIVATION_GATES[self.gate], x.detach())
 
     def extra_repr(self) -> str:
         return f"gate={self.gate!r}"
