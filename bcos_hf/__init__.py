@@ -31,6 +31,7 @@ from .modeling.bcos_layers import (
 )
 from .modeling.configuration_bcos import BcosConfig
 from .modeling.configuration_bcos_clip import BcosCLIPConfig, BcosSiglipConfig
+from .modeling.explanation_bcos import BcosExplanation
 from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
 from .modeling.modeling_bcos_clip import BcosCLIPModel, BcosSiglipModel
 from .modeling.rewriting import ArchitectureAdapter, UnsupportedModelError
@@ -61,6 +62,7 @@ __all__ = [
     "BcosCLIPModel",
     "BcosConfig",
     "BcosConv2d",
+    "BcosExplanation",
     "BcosForImageClassification",
     "BcosGroupNorm",
     "BcosLayerNorm",

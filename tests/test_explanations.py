@@ -118,6 +118,8 @@ def test_explain_leaves_no_state_behind():
     assert not any(m.explaining for m in model.modules() if isinstance(m, ExplainableMixin))
     assert torch.equal(first.contributions, second.contributions)
     assert torch.equal(first.dynamic_weights, second.dynamic_weights)
+    with torch.inference_mode():  # a caller's inference mode (or no_grad) does not get in the way
+        assert torch.equal(model.explain(images.detach().clone(), target="dog").contributions, first.contributions)
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(pixel_values=images).logits, first.logits)  # explain ran in eval mode

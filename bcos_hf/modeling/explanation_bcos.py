@@ -133,11 +133,11 @@ def explain_scores(
     is constant by design (the logit bias): ``residual = score - score_offset - sum of contributions``.
     ``dynamic_linear=False`` gives plain input x gradient, the post-hoc baseline.
     """
-    encoded = model.encode_pixels(pixel_values).detach().requires_grad_(True)
     was_training = model.training
     model.eval()
-    try:
-        with torch.enable_grad(), explanation_mode(model, dynamic_linear):
+    try:  # autograd on, also under a caller's no_grad or inference_mode (a pipeline's, say)
+        with torch.inference_mode(False), torch.enable_grad(), explanation_mode(model, dynamic_linear):
+            encoded = model.encode_pixels(pixel_values.clone()).detach().requires_grad_(True)
             scores = compute_scores(encoded)
             targets = resolve_targets(target, scores.detach(), label2id)
             selected = scores.gather(1, targets[:, None]).squeeze(1)
