@@ -7,7 +7,6 @@ predicted label and score, the explained target, and the explanation pictures (`
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -49,11 +48,8 @@ class ImageExplanationPipeline(ImageClassificationPipeline):
         }
         return preprocess_params, forward_params, postprocess_params
 
-    def get_inference_context(self):
-        """Explanations need autograd: ``explain`` manages gradients itself and leaves none behind."""
-        return nullcontext
-
     def _forward(self, model_inputs, target: int | str | None = None) -> dict[str, torch.Tensor]:
+        """One explanation of the batch (``explain`` turns autograd back on inside the pipeline's no_grad)."""
         if not hasattr(self.model, "explain"):
             raise ValueError(
                 f"The image-explanation pipeline needs a B-cos model (with .explain); got {type(self.model).__name__}. "
