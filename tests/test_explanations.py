@@ -246,7 +246,8 @@ def test_clip_explains_image_text_similarity_per_prompt(tmp_path, name):
     model = AutoModel.from_pretrained(tmp_path / "bcos")
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     calibrate(model.network.vision_model, model.encode_pixels(images))
-    tokens = AutoProcessor.from_pretrained(tmp_path / "bcos").tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    processor = AutoProcessor.from_pretrained(tmp_path / "bcos")
+    tokens = processor.tokenizer(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         logits_per_image = model(**tokens, pixel_values=images).logits_per_image
 
@@ -265,6 +266,10 @@ def test_clip_explains_image_text_similarity_per_prompt(tmp_path, name):
         model.explain(images, text="a dog")
     with pytest.raises(ValueError, match="Unknown label 'a cat'"):
         model.explain(images, target="a cat", text=PROMPTS)
+    in_memory = convert(FAMILIES[name]()[0], image_processor=processor.image_processor).model
+    with pytest.raises(ValueError, match="No tokenizer saved with this model"):
+        in_memory.explain(images, text=PROMPTS)
+    assert in_memory.explain(images, text=PROMPTS, tokenizer=processor.tokenizer).logits.shape == (2, 3)
 
 
 def test_explain_works_under_remote_code_without_bcos_hf(tmp_path):

@@ -104,7 +104,13 @@ class BcosCLIPModel(BcosPreTrainedModel):
             if tokenizer is None:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+                except (OSError, ValueError) as error:
+                    raise ValueError(
+                        f"No tokenizer saved with this model ({self.name_or_path or 'not loaded from a folder'}): "
+                        "pass tokenizer=... (e.g. the source CLIP's) or input_ids=... instead of text only."
+                    ) from error
             tokens = tokenizer(list(text), padding=True, return_tensors="pt")
             input_ids, attention_mask = tokens["input_ids"], tokens.get("attention_mask")
         with torch.no_grad():
