@@ -39,7 +39,7 @@ OPACITY_PERCENTILE = 99.5
 
 
 def _is_explaining(module: nn.Module) -> bool:
-    return any(getattr(child, "explaining", False) for child in module.modules() if isinstance(child, ExplainableMixin))
+    return any(child.explaining for child in module.modules() if isinstance(child, ExplainableMixin))
 
 
 def _patch_size(module: nn.Module) -> tuple[int, int]:
