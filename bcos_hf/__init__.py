@@ -17,6 +17,7 @@ from transformers import (
     SiglipProcessor,
 )
 
+from .hub import push_model_to_hub
 from .modeling.adapters import ADAPTERS, get_adapter
 from .modeling.bcos_layers import (
     BcosConv2d,
@@ -54,6 +55,10 @@ AutoConfig.register(BcosSiglipConfig.model_type, BcosSiglipConfig, exist_ok=True
 AutoModel.register(BcosSiglipConfig, BcosSiglipModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(BcosSiglipConfig, BcosSiglipModel, exist_ok=True)
 AutoProcessor.register(BcosSiglipConfig, SiglipProcessor, exist_ok=True)
+
+# With bcos_hf installed, model.push_to_hub also publishes the image processor and the B-cos model card (the
+# model code itself cannot: it is remote code that must not import bcos_hf).
+BcosPreTrainedModel.push_to_hub = push_model_to_hub
 
 __all__ = [
     "ADAPTERS",

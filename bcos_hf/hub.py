@@ -159,12 +159,13 @@ def push_to_hub(
     fine_tuned: bool = False,
     explanation_picture: str | Path | None = None,
     api: HfApi | None = None,
+    **upload_options,
 ):
     """Publish a B-cos model in one commit: config, weights, image processor, remote code, report and card.
 
-    ``model.push_to_hub`` (plain transformers) uploads the config, weights and remote code but neither the
-    image processor nor a B-cos card; use this, or ``BcosTrainer.push_to_hub`` after training.
-    Returns the ``CommitInfo`` of the upload.
+    ``model.push_to_hub`` does the same once bcos_hf is imported (``push_model_to_hub``); after training,
+    ``BcosTrainer.push_to_hub`` adds the training set-up and results to the card. ``upload_options`` go to
+    ``HfApi.upload_folder`` (``revision``, ``create_pr``, ``commit_description``). Returns the ``CommitInfo``.
     """
     api = api or HfApi()
     repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
@@ -179,4 +180,45 @@ def push_to_hub(
             fine_tuned=fine_tuned,
             explanation_picture=explanation_picture,
         )
-        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, **upload_options
+        )
+
+
+def saved_image_processor(model):
+    """The image processor saved next to the folder the model was loaded from, or None."""
+    folder = Path(model.config.name_or_path or "")
+    if not (folder / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder)
+
+
+def push_model_to_hub(
+    self,
+    repo_id: str,
+    *,
+    image_processor=None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    api: HfApi | None = None,
+    **upload_options,
+):
+    """``model.push_to_hub`` for B-cos models (installed by ``import bcos_hf``): ``push_to_hub`` of the model.
+
+    Unlike the plain transformers method it also publishes the image processor (``image_processor``, or the
+    one saved next to the model's folder) and the B-cos model card, so the repository works in pipelines and
+    explains itself. ``upload_options``: ``revision``, ``create_pr``, ``commit_description``.
+    """
+    return push_to_hub(
+        self,
+        repo_id,
+        image_processor if image_processor is not None else saved_image_processor(self),
+        token=token,
+        private=private,
+        commit_message=commit_message or "Upload B-cos model",
+        api=api,
+        **upload_options,
+    )

@@ -165,7 +165,7 @@ def test_trainer_push_to_hub_publishes_a_loadable_model_with_a_bcos_card(tmp_pat
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_push_to_hub_with_an_injected_client_and_model_push_keeps_the_card(tmp_path, capture, monkeypatch):
+def test_push_to_hub_with_an_injected_client_and_model_push_publishes_card_and_processor(tmp_path, capture):
     model_dir = save_tiny_bcos(tmp_path / "model")
     model = load(model_dir)
     api = CapturingApi(tmp_path / "injected")
@@ -177,13 +177,14 @@ def test_push_to_hub_with_an_injected_client_and_model_push_keeps_the_card(tmp_p
     }
     assert api.tokens == [TOKEN, TOKEN]
 
-    # model.push_to_hub (plain transformers) uploads config, weights and code, and keeps the repo's card.
-    monkeypatch.setattr(ModelCard, "load", classmethod(lambda cls, repo_id, **kwargs: ModelCard(card)))
+    # model.push_to_hub publishes the same: weights, code, the processor saved next to the model, the B-cos card.
     model.push_to_hub(REPO, token=TOKEN)
     names = {path.name for path in capture.folder.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_bcos.py", "README.md"} <= names
-    assert (capture.folder / "README.md").read_text().strip() == card.strip()
+    assert {"config.json", "model.safetensors", "modeling_bcos.py", "preprocessor_config.json", "README.md"} <= names
+    pushed_card = (capture.folder / "README.md").read_text()
+    assert "B-cos" in pushed_card and "trust_remote_code=True" in pushed_card and "arya2024bcosification" in pushed_card
     assert json.loads((capture.folder / "config.json").read_text())["auto_map"]["AutoModelForImageClassification"]
+    assert capture.tokens[-1] == TOKEN
     assert_no_token(tmp_path)
 
 

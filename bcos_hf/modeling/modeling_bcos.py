@@ -133,6 +133,16 @@ class BcosPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Nothing to do: the network's modules are initialised by the source architecture's own rules."""
 
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The source network's input embeddings (its patch embedding), or None for architectures without.
+
+        Accelerate asks for them when it wraps a model with FSDP2.
+        """
+        try:
+            return self.network.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            return None
+
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Check the input contract and return the 6-channel ``[x, 1 - x]`` encoding in the model's dtype."""
         check_pixel_values(pixel_values)
