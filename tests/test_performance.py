@@ -84,18 +84,25 @@ def test_fast_path_gradients_equal_the_plain_formula(layer, shape, plain, explai
         assert torch.autograd.gradcheck(lambda x, w: fast(layer, x, w), (x, weight), fast_mode=True)
 
 
+WINDOWS = {"rows": None, "grouped-windows": (2, (3, 3), (2, 1), (1, 1), (1, 2))}
+
+
 @pytest.mark.parametrize("b", [2.0, 2.5])
-@pytest.mark.parametrize("detach", [False, True])
-def test_scale_function_gradcheck(b, detach):
-    out = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    norm = (torch.rand(3, 1, 5, dtype=torch.float64) + 0.5).requires_grad_(not detach)
-    expected = plain_scale(out, norm.square() - NORM_EPS, b, detach)
-    torch.testing.assert_close(bcos_scale(out, norm, b, detach), expected)
-    if detach:  # the factor is a constant: dy/dout = s
-        (grad,) = torch.autograd.grad(bcos_scale(out, norm, b, detach).sum(), out)
-        torch.testing.assert_close(grad, (expected / out).detach())
+@pytest.mark.parametrize("window", WINDOWS.values(), ids=WINDOWS.keys())
+def test_scale_function_gradcheck(b, window):
+    """The autograd function alone, ``out`` and ``x`` independent: closed-form gradients to both, and in
+    explanation mode the constant factor ``s = y / out`` as the gradient to ``out`` and none to ``x``."""
+    if window is None:
+        x, out = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 4, 1, dtype=torch.float64)
     else:
-        assert torch.autograd.gradcheck(lambda o, n: bcos_scale(o, n, b, detach), (out, norm))
+        x, out = torch.randn(1, 4, 5, 4, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    x.requires_grad_(True)
+    out.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda o, x: bcos_scale(o, x, window, b, False), (out, x), fast_mode=True)
+    y = bcos_scale(out, x, window, b, True)
+    grad_out, grad_x = torch.autograd.grad(y.sum(), (out, x), allow_unused=True)
+    torch.testing.assert_close(grad_out, (y / out).detach())
+    assert grad_x is None or not grad_x.any()
 
 
 def plain_explained_layer_norm(norm: BcosLayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -126,14 +133,13 @@ def test_explained_layer_norm_equals_the_plain_formula(channels_first, bias):
         torch.testing.assert_close(got, want)
 
 
-def _all_kernels(grad, out, norm):
+def _all_kernels(grad, out, y, norm):
     """Every elementwise kernel of the fast path, so that one compilation covers them all."""
-    y = bcos_layers._scale2_forward(out, norm)
     weight = torch.linspace(0.5, 1.5, out.shape[-1])
     return (
         bcos_layers._layer_norm_input_grad(grad, weight, norm, (-1,)),
         bcos_layers.ACTIVATION_GATES["gelu"](out.float()),  # in bf16, eager rounds every step and inductor once
-        y,
+        bcos_layers._scale2_forward(out, norm),
         *bcos_layers._scale2_backward(grad, y, norm),
         bcos_layers._scale2_backward_detached(grad, y, norm),
         bcos_layers._scale_forward(out, norm, 2.5),
@@ -143,14 +149,16 @@ def _all_kernels(grad, out, norm):
 
 
 def test_fused_kernels_match_their_pytorch_fallback():
-    """The kernels CUDA runs fused (``torch.compile``, here with inductor on the CPU) equal the plain ones.
-    bf16 storage with float32 arithmetic, as under autocast; the benchmark checks them on CUDA too."""
+    """The kernels CUDA runs fused (``torch.compile``, here with inductor on the CPU) equal the plain ones,
+    on bf16 tensors as under autocast (the fused ones round once, the eager chains once per step: 1e-2);
+    the benchmark checks them on CUDA too."""
     dtype = torch.bfloat16
     torch._dynamo.reset()
     fused = torch.compile(_all_kernels, dynamic=True, fullgraph=True)
     grad, out = torch.randn(6, 7, 3, dtype=dtype), torch.randn(6, 7, 3, dtype=dtype)
-    norm = torch.rand(6, 1, 3) * 4 + 0.5
-    for got, want in zip(fused(grad, out, norm), _all_kernels(grad, out, norm), strict=True):
+    norm_sq = torch.rand(6, 1, 3) * 16 + 0.25
+    y = bcos_layers._scale2_forward(out, norm_sq)
+    for got, want in zip(fused(grad, out, y, norm_sq), _all_kernels(grad, out, y, norm_sq), strict=True):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-5)
 
@@ -160,6 +168,8 @@ def test_fused_path_is_used_only_on_cuda_and_never_inside_compile(monkeypatch):
     assert bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm)) is None
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(bcos_layers, "_COMPILED", {})
+    assert bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm)) is None  # too small to pay
+    monkeypatch.setattr(bcos_layers, "FUSE_MIN_BYTES", 0)
     compiled = bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm))
     assert compiled is not None
     assert bcos_layers._compiled(bcos_layers._scale2_forward, (out * 2, norm)) is compiled  # once per kind

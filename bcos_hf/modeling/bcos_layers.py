@@ -50,10 +50,12 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# Elementwise kernels on (A, C, B) views: ``out`` and the gradients are (A, C, B), ``norm`` is (A, 1, B) in
-# float32 and broadcasts over the C output units that share one input row (linear) or window (conv group).
-# The arithmetic is float32 whatever the storage dtype. Each is one fused kernel on CUDA (``_launch``), plain
-# PyTorch elsewhere and while an enclosing ``torch.compile`` traces the model (it fuses them itself).
+# Elementwise kernels on (A, C, B) views: ``out`` and the gradients are (A, C, B); ``norm_sq`` is ``||x||^2``
+# of the input row (linear) or receptive field (conv group), (A, 1, B) in float32, broadcast over the C
+# output units that share it. Norms, squares and reductions are float32; the B = 2 kernels are chains of
+# in-place operations on one fresh tensor of the activation dtype (the cosine is formed before the
+# product, so float16 does not overflow): three passes over the activation in the forward, four in the
+# backward. On CUDA, tensors of FUSE_MIN_BYTES and more run them as one fused kernel (``_launch``).
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
@@ -61,60 +63,63 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
+def _norm(norm_sq: torch.Tensor) -> torch.Tensor:
+    return (norm_sq + NORM_EPS).sqrt()
+
+
 def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(dim=1, keepdim=True)``; for linear layers (B = 1) eagerly a batched dot product, one pass."""
+    """``(a * b).sum(dim=1, keepdim=True)`` in float32; for linear layers (B = 1) eagerly one batched dot product."""
     if not torch.compiler.is_compiling() and a.shape[2] == 1:
-        return torch.bmm(a.transpose(1, 2), b)
-    return (a * b).sum(dim=1, keepdim=True)
+        return _wide(torch.bmm(a.transpose(1, 2), b))
+    return (_wide(a) * _wide(b)).sum(dim=1, keepdim=True)
 
 
-# Written as chains of in-place operations on fresh tensors: eager mode then makes as few passes over the
-# activations as it can (three in the forward, four in the backward), and torch.compile fuses them anyway.
+def _scale2_forward(out: torch.Tensor, norm_sq: torch.Tensor) -> torch.Tensor:
+    return out.abs().div_(_norm(norm_sq)).mul_(out)
 
 
-def _scale2_forward(out: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    wide = _wide(out)
-    return wide.abs().div_(norm).mul_(wide).to(out.dtype)
-
-
-def _scale2_backward(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale2_backward(grad: torch.Tensor, y: torch.Tensor, norm_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """B = 2 from the saved output: ``|out| / n = sqrt(|y| / n)``, so ``dy/dout = 2|out|/n`` and
-    ``dy/dn = -y / n`` need only ``y`` (which the next layer saves anyway) and the per-row norm."""
-    grad_wide, y_wide = _wide(grad), _wide(y)
-    grad_out = y_wide.abs().mul_(4 / norm).sqrt_().mul_(grad_wide)
-    grad_norm = _sum_of_products(grad_wide, y_wide).div_(norm).neg_()
-    return grad_out.to(grad.dtype), grad_norm
+    ``dy/dn = -y / n`` need only ``y`` (which the next layer saves anyway) and the norm. Returns the
+    gradient to ``out`` and ``dL/dn / n`` per row or window (what the input gradient of the norm needs)."""
+    grad_out = y.abs().div_(_norm(norm_sq) * 0.25).sqrt_().mul_(grad)
+    return grad_out, _sum_of_products(grad, y).div_(norm_sq + NORM_EPS).neg_()
 
 
-def _scale2_backward_detached(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+def _scale2_backward_detached(grad: torch.Tensor, y: torch.Tensor, norm_sq: torch.Tensor) -> torch.Tensor:
     """Explanation mode, B = 2: ``y = s * out`` with the constant ``s = |out| / n``, so ``dy/dout = s``."""
-    return _wide(y).abs().div_(norm).sqrt_().mul_(_wide(grad)).to(grad.dtype)
+    return y.abs().div_(_norm(norm_sq)).sqrt_().mul_(grad)
 
 
-def _scale_forward(out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
-    out32 = _wide(out)
-    return (out32 * (out32.abs() / norm + SCALE_EPS).pow(b - 1)).to(out.dtype)
+def _scale_forward(out: torch.Tensor, norm_sq: torch.Tensor, b: float) -> torch.Tensor:
+    wide = _wide(out)
+    return (wide * (wide.abs() / _norm(norm_sq) + SCALE_EPS).pow(b - 1)).to(out.dtype)
 
 
 def _scale_backward(
-    grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float
+    grad: torch.Tensor, out: torch.Tensor, norm_sq: torch.Tensor, b: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """General B: with ``c = |out| / n`` and ``s = (c + eps)^(B-1)``, ``dy/dout = s + c s'(c)`` and
     ``dy/dn = -out c s'(c) / n``, where ``s'(c) = (B-1)(c + eps)^(B-2)``."""
-    grad32, out32 = _wide(grad), _wide(out)
-    cos = out32.abs() / norm
+    grad_wide, out_wide = _wide(grad), _wide(out)
+    cos = out_wide.abs() / _norm(norm_sq)
     slope = (b - 1) * (cos + SCALE_EPS).pow(b - 2) * cos
-    grad_out = grad32 * ((cos + SCALE_EPS).pow(b - 1) + slope)
-    grad_norm = -_sum_of_products(grad32 * out32, slope) / norm
-    return grad_out.to(grad.dtype), grad_norm
+    grad_out = grad_wide * ((cos + SCALE_EPS).pow(b - 1) + slope)
+    return grad_out.to(grad.dtype), -_sum_of_products(grad_wide * out_wide, slope) / (norm_sq + NORM_EPS)
 
 
-def _scale_backward_detached(grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
-    return (_wide(grad) * (_wide(out).abs() / norm + SCALE_EPS).pow(b - 1)).to(grad.dtype)
+def _scale_backward_detached(grad: torch.Tensor, out: torch.Tensor, norm_sq: torch.Tensor, b: float) -> torch.Tensor:
+    return (_wide(grad) * (_wide(out).abs() / _norm(norm_sq) + SCALE_EPS).pow(b - 1)).to(grad.dtype)
 
 
 FUSE_ON_CUDA = True
-"""Run the elementwise kernels above as fused ``torch.compile``d kernels on CUDA (set False to debug)."""
+"""Run the elementwise kernels as fused ``torch.compile``d kernels on CUDA, for large tensors (False: never)."""
+
+FUSE_MIN_BYTES = 2**26
+"""Smallest activation (bytes) worth a fused kernel. A compiled call costs about 100 µs of host time
+(measured through the CPU backend) against about 10 µs per eager operation; the fused kernel saves two
+passes over the tensor, which at about 4 TB/s pays for that only from some 64 MiB on. Below it the eager
+chains run, so that a model at small batch is not bound by host time."""
 
 _COMPILED: dict = {}
 
@@ -127,15 +132,19 @@ def _call_kind(arg):
 
 
 def _compiled(kernel: Callable, args: tuple) -> Callable | None:
-    """The fused (``torch.compile``d) copy of ``kernel`` for these arguments on CUDA; None where the plain
-    kernel runs: on other devices, and while an enclosing ``torch.compile`` traces (it fuses it itself).
+    """The fused (``torch.compile``d) copy of ``kernel`` for these arguments: on CUDA, for an activation
+    (the first argument) of at least FUSE_MIN_BYTES; None where the plain kernel runs, and always while an
+    enclosing ``torch.compile`` traces (it fuses the plain kernel itself).
 
     Compiled lazily with dynamic shapes, so layers of every size share a copy. Each kind of call (dtypes,
     inference tensors, which sizes are 1: linear rows, conv windows, depthwise groups; contiguity) gets its
     own copy of the function, hence its own code object: dynamo keeps only a few specialisations per code
     object. Arguments are passed detached (the kernels run inside autograd functions): no grad guards.
     """
-    if not (FUSE_ON_CUDA and args[0].is_cuda) or torch.compiler.is_compiling():
+    first = args[0]
+    if not (FUSE_ON_CUDA and first.is_cuda) or torch.compiler.is_compiling():
+        return None
+    if first.numel() * first.element_size() < FUSE_MIN_BYTES:
         return None
     key = (kernel, *(_call_kind(arg) for arg in args))
     compiled = _COMPILED.get(key)
@@ -147,136 +156,96 @@ def _compiled(kernel: Callable, args: tuple) -> Callable | None:
 
 
 def _launch(kernel: Callable, *args):
-    """Run ``kernel`` fused on CUDA, plainly elsewhere (see ``_compiled``)."""
+    """Run ``kernel`` fused where that pays (see ``_compiled``), plainly elsewhere."""
     compiled = _compiled(kernel, args)
     if compiled is None:
         return kernel(*args)
     return compiled(*(arg.detach() if isinstance(arg, torch.Tensor) else arg for arg in args))
 
 
-class _BcosScale(torch.autograd.Function):
-    """``y = out * |cos|^(B-1)`` with a closed-form backward that saves only ``y`` (B = 2) or ``out``, and the
-    norm. With ``detached`` (explanation mode) the factor is a constant: the norm gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, norm: torch.Tensor, b: float, detached: bool) -> torch.Tensor:
-        if b == 2:
-            y = _launch(_scale2_forward, out, norm)
-            ctx.save_for_backward(y, norm)
-        else:
-            y = _launch(_scale_forward, out, norm, b)
-            ctx.save_for_backward(out, norm)
-        ctx.b, ctx.detached = b, detached
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        saved, norm = ctx.saved_tensors
-        b = ctx.b
-        if ctx.detached:
-            if b == 2:
-                return _launch(_scale2_backward_detached, grad, saved, norm), None, None, None
-            return _launch(_scale_backward_detached, grad, saved, norm, b), None, None, None
-        if b == 2:
-            grad_out, grad_norm = _launch(_scale2_backward, grad, saved, norm)
-        else:
-            grad_out, grad_norm = _launch(_scale_backward, grad, saved, norm, b)
-        return grad_out, grad_norm, None, None
+Window = tuple
+"""A convolution's (groups, kernel_size, stride, padding, dilation), with the padding as numbers."""
 
 
-def bcos_scale(out: torch.Tensor, norm: torch.Tensor, b: float, detach_scale: bool) -> torch.Tensor:
-    """Apply the B-cos factor ``|cos|^(B-1)`` to a linear output, ``cos = out / norm``.
+def _norm_sq(x: torch.Tensor, window: Window | None) -> torch.Tensor:
+    """``||x||^2`` of every row of ``x`` (``window`` None: (..., 1)) or of every receptive field of a
+    convolution per group ((N, groups, H_out, W_out)), float32 (float64 for float64 input).
 
-    ``out`` is ``w^T x`` (raw or unit-norm weights) viewed as (A, C, B), ``norm`` is ``sqrt(||x||^2 + eps)``
-    of shape (A, 1, B) in float32. The arithmetic is float32 (squares and small cosines need it), the result
-    has ``out``'s dtype.
+    The window sums are a convolution of the per-group sum of squares with a kernel of ones (same stride,
+    padding and dilation), so grouped, depthwise, strided and dilated convolutions are exact.
     """
-    if torch.is_grad_enabled():
-        return _BcosScale.apply(out, norm, b, detach_scale)
-    if b == 2:
-        return _launch(_scale2_forward, out, norm)
-    return _launch(_scale_forward, out, norm, b)
-
-
-def _norm_from_squares(norm_sq: torch.Tensor) -> torch.Tensor:
-    """``sqrt(norm_sq + eps)``, in place: ``norm_sq`` is always a fresh tensor here."""
-    return norm_sq.add_(NORM_EPS).sqrt_()
-
-
-def _row_norm_value(x: torch.Tensor) -> torch.Tensor:
-    """``sqrt(||x||^2 + eps)`` over the last dimension, float32 (or float64), one reduction kernel."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _norm_from_squares(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square_())
-
-
-class _RowNorm(torch.autograd.Function):
-    """The input norm of a linear layer; saves ``x`` (which the matrix product saves too) and the norm."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        norm = _row_norm_value(x)
-        ctx.save_for_backward(x, norm)
-        return norm
-
-    @staticmethod
-    def backward(ctx, grad_norm: torch.Tensor) -> torch.Tensor:
-        x, norm = ctx.saved_tensors
-        return x * (grad_norm / norm).to(x.dtype)
-
-
-def row_norm(x: torch.Tensor, detached: bool) -> torch.Tensor:
-    """``sqrt(||x||^2 + eps)`` over the last dimension in float32; no graph at all when ``detached``."""
-    if detached or not torch.is_grad_enabled():
-        return _row_norm_value(x.detach())
-    return _RowNorm.apply(x)
-
-
-def _window_norm_value(x: torch.Tensor, window: tuple) -> torch.Tensor:
+    if window is None:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype).square_()
     groups, kernel_size, stride, padding, dilation = window
     squares = _wide(x).square()
     if squares.shape[1] != groups:
         squares = squares.unflatten(1, (groups, -1)).sum(dim=2)
     ones = torch.ones((groups, 1, *kernel_size), device=x.device, dtype=squares.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        norm_sq = F.conv2d(squares, ones, None, stride, padding, dilation, groups)
-    return _norm_from_squares(norm_sq)
+        return F.conv2d(squares, ones, None, stride, padding, dilation, groups)
 
 
-class _WindowNorm(torch.autograd.Function):
-    """The norm of every receptive field of a convolution, per group: (N, groups, H_out, W_out), float32.
+def _norm_input_grad(x: torch.Tensor, coef: torch.Tensor, window: Window | None) -> torch.Tensor:
+    """The gradient to ``x`` through ``n = sqrt(||x||^2 + eps)``, given ``coef = dL/dn / n`` per row or
+    window: ``coef * x`` for rows; for windows the transposed convolution of ``coef`` with the ones kernel,
+    times ``x`` (``d||x||^2/dx = 2x`` and ``dn/d||x||^2 = 1/(2n)``)."""
+    if window is None:
+        return x * coef.to(x.dtype)
+    groups, kernel_size, stride, padding, dilation = window
+    ones = torch.ones((groups, 1, *kernel_size), device=x.device, dtype=coef.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        per_group = torch.nn.grad.conv2d_input(
+            (x.shape[0], groups, *x.shape[2:]), ones, coef, stride, padding, dilation, groups
+        )
+    return (x.unflatten(1, (groups, -1)) * per_group.unsqueeze(2).to(x.dtype)).flatten(1, 2)
 
-    The sum of squares over the window and the group's input channels is a convolution of the per-group sum
-    of squares with a kernel of ones (same stride, padding and dilation); its backward is the transposed
-    convolution with the same kernel. Saves ``x`` (which the convolution saves too) and the norm.
+
+class _BcosScale(torch.autograd.Function):
+    """``y = out * |cos|^(B-1)``, ``cos = out / sqrt(||x||^2 + eps)``, for a layer's output ``out`` (A, C, B)
+    and its input ``x``; one autograd node per layer, with a closed-form backward to ``out`` and ``x``.
+
+    Saves ``y`` (B = 2) or ``out``, the squared norms and ``x``, which the matrix product saves anyway. With
+    ``detached`` (explanation mode) the factor is a constant: ``x`` gets no gradient from it.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, window: tuple) -> torch.Tensor:
-        norm = _window_norm_value(x, window)
-        ctx.save_for_backward(x, norm)
-        ctx.window = window
-        return norm
+    def forward(ctx, out: torch.Tensor, x: torch.Tensor, window: Window | None, b: float, detached: bool):
+        norm_sq = _norm_sq(x, window)
+        flat = norm_sq.reshape(out.shape[0], 1, out.shape[2])
+        y = _launch(_scale2_forward, out, flat) if b == 2 else _launch(_scale_forward, out, flat, b)
+        ctx.save_for_backward(y if b == 2 else out, flat, None if detached else x)
+        ctx.window, ctx.b, ctx.detached, ctx.norm_shape = window, b, detached, norm_sq.shape
+        return y
 
     @staticmethod
-    def backward(ctx, grad_norm: torch.Tensor):
-        x, norm = ctx.saved_tensors
-        groups, kernel_size, stride, padding, dilation = ctx.window
-        ones = torch.ones((groups, 1, *kernel_size), device=x.device, dtype=norm.dtype)
-        squares_shape = (x.shape[0], groups, *x.shape[2:])
-        with torch.autocast(x.device.type, enabled=False):
-            grad_squares = torch.nn.grad.conv2d_input(
-                squares_shape, ones, grad_norm / (2 * norm), stride, padding, dilation, groups
-            )
-        grouped = _wide(x).unflatten(1, (groups, -1))
-        return (2 * grouped * grad_squares.unsqueeze(2)).flatten(1, 2).to(x.dtype), None
+    def backward(ctx, grad: torch.Tensor):
+        saved, norm_sq, x = ctx.saved_tensors
+        b = ctx.b
+        if ctx.detached:
+            if b == 2:
+                return _launch(_scale2_backward_detached, grad, saved, norm_sq), None, None, None, None
+            return _launch(_scale_backward_detached, grad, saved, norm_sq, b), None, None, None, None
+        if b == 2:
+            grad_out, coef = _launch(_scale2_backward, grad, saved, norm_sq)
+        else:
+            grad_out, coef = _launch(_scale_backward, grad, saved, norm_sq, b)
+        grad_x = _norm_input_grad(x, coef.reshape(ctx.norm_shape), ctx.window) if ctx.needs_input_grad[1] else None
+        return grad_out, grad_x, None, None, None
 
 
-def window_norm(x: torch.Tensor, window: tuple, detached: bool) -> torch.Tensor:
-    """The receptive-field norms of a convolution described by ``window`` = (groups, kernel_size, stride,
-    padding, dilation) on ``x``; no graph at all when ``detached``."""
-    if detached or not torch.is_grad_enabled():
-        return _window_norm_value(x.detach(), window)
-    return _WindowNorm.apply(x, window)
+def bcos_scale(out: torch.Tensor, x: torch.Tensor, window: Window | None, b: float, detached: bool) -> torch.Tensor:
+    """Apply the B-cos factor ``|cos|^(B-1)`` to a layer's output.
+
+    ``out`` is ``w^T x`` (raw or unit-norm weights) viewed as (A, C, B): C output units share one input
+    norm, the norm of a row of ``x`` (``window`` None; B = 1) or of a receptive field of a convolution
+    group (``window``, see ``_norm_sq``). The result has ``out``'s dtype and shape. ``detached``: explanation
+    mode, the factor is a constant.
+    """
+    if torch.is_grad_enabled():
+        return _BcosScale.apply(out, x, window, b, detached)
+    flat = _norm_sq(x, window).reshape(out.shape[0], 1, out.shape[2])
+    return _launch(_scale2_forward, out, flat) if b == 2 else _launch(_scale_forward, out, flat, b)
 
 
 def _validate_b(b: float) -> float:
@@ -324,10 +293,8 @@ class BcosLinear(nn.Linear, ExplainableMixin):
         if self.b == 1:
             return F.linear(x, weight, self.bias)
         x = _autocast_input(x)
-        norm = row_norm(x, self.explaining)
         out = F.linear(x, weight, self.bias)
-        units = out.shape[-1]
-        return bcos_scale(out.view(-1, units, 1), norm.view(-1, 1, 1), self.b, self.explaining).view(out.shape)
+        return bcos_scale(out.view(-1, out.shape[-1], 1), x, None, self.b, self.explaining).view(out.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, b={self.b:g}, normalize_weights={self.normalize_weights}"
@@ -397,7 +364,7 @@ class BcosConv2d(nn.Conv2d, ExplainableMixin):
         return layer
 
     @property
-    def _window(self) -> tuple:
+    def _window(self) -> Window:
         """(groups, kernel_size, stride, padding, dilation) with the padding as numbers, for the norm."""
         padding = self.padding
         if isinstance(padding, str):  # "valid" or "same" (stride 1): symmetric zero padding
@@ -415,12 +382,10 @@ class BcosConv2d(nn.Conv2d, ExplainableMixin):
         if self.b == 1:
             return self._conv_forward(x, weight, self.bias)
         x = _autocast_input(x)
-        norm = window_norm(x, self._window, self.explaining)
         out = self._conv_forward(x, weight, self.bias)
         batch, channels, height, width = out.shape
         grouped = out.reshape(batch * self.groups, channels // self.groups, height * width)
-        y = bcos_scale(grouped, norm.reshape(batch * self.groups, 1, height * width), self.b, self.explaining)
-        return y.reshape(out.shape)
+        return bcos_scale(grouped, x, self._window, self.b, self.explaining).reshape(out.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, b={self.b:g}, normalize_weights={self.normalize_weights}"
