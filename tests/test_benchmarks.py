@@ -37,3 +37,11 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table == markdown(saved)
     assert "| tiny ViT | cpu | fp32 | 2 |" in table and "saved_bytes, cpu fp32" in table
+
+
+def test_host_time_reports_a_ratio_per_step():
+    from benchmarks.host_time import main as host_time
+
+    results = host_time(["--pairs", "1"])
+    assert set(results) == {"forward", "train", "explain"}
+    assert all(figure["ratio"] > 0 for figure in results.values())
