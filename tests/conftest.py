@@ -13,10 +13,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+import torch
 
 import bcos_hf  # noqa: F401
 
 from .families import save_family
+
+# Tests run tiny models: a second intra-op thread only adds synchronisation, and costs many times over when
+# another process shares the cores. Tests that need more threads set them themselves.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -21,15 +21,6 @@ from .families import FAMILIES, save_family
 LABELS = {0: "cat", 1: "dog", 2: "car"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation (and suffers most on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def calibrate(model: torch.nn.Module, images: torch.Tensor) -> torch.nn.Module:
     """Rescale every B-cos layer's raw weights so its output has unit RMS on ``images``.
 

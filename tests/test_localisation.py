@@ -34,15 +34,6 @@ COLOURS = list(SQUARE_COLOURS)[:4]
 SIZE = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation (and suffers most on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained_vit():
     """A tiny B-cos ViT (16 px, 4 px patches) trained for a few seconds to tell the colours apart."""

@@ -34,15 +34,6 @@ from .families import save_family, vit_processor
 from .train_tiny import TINY_VIT, TinyImages, load, save_tiny_bcos
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models train 5x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return save_tiny_bcos(tmp_path_factory.mktemp("tiny") / "bcos")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from bcos_hf.convert import convert
 from bcos_hf.data import FASHION_MNIST_LABELS, fashion_mnist_available
@@ -29,12 +28,7 @@ def run_example(name: str, argv: list[str], monkeypatch) -> dict:
     monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     monkeypatch.setattr(sys, "argv", [name, *argv])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return module.main()
-    finally:
-        torch.set_num_threads(threads)
+    return module.main()
 
 
 def test_finetune_example_smoke_run(tmp_path, monkeypatch):
