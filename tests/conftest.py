@@ -40,7 +40,8 @@ def run_without_bcos_hf(code: str, hf_home: Path, timeout: int = 240) -> subproc
     """Run ``code`` in a fresh Python where ``import bcos_hf`` fails, with its own HF_HOME (remote-code cache)."""
     script = "import sys\nsys.modules['bcos_hf'] = None  # bcos_hf is not importable here\n" + textwrap.dedent(code)
     hf_home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    # One intra-op thread, as in the tests (set above): results then match bit for bit across processes.
+    env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout, cwd=hf_home
     )

@@ -68,19 +68,16 @@ def vit_processor(image_size: int) -> ViTImageProcessorPil:
     )
 
 
+TINY_LABELS = {0: "cat", 1: "dog", 2: "car"}
+
+TINY_TRANSFORMER = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, id2label=TINY_LABELS
+)
+"""The settings every tiny vision transformer shares (ViT, DeiT, DINOv2)."""
+
+
 def tiny_vit_config(**overrides) -> ViTConfig:
-    settings = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-        id2label={0: "cat", 1: "dog", 2: "car"},
-    )
-    settings.update(overrides)
-    return ViTConfig(**settings)
+    return ViTConfig(**{**TINY_TRANSFORMER, "intermediate_size": 37, **overrides})
 
 
 def vit_classifier(**overrides):
@@ -102,9 +99,6 @@ def randomise_running_statistics(model: torch.nn.Module, seed: int = 0) -> torch
                 module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.2)
                 module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
     return model
-
-
-TINY_LABELS = {0: "cat", 1: "dog", 2: "car"}
 
 
 def tiny_convnext_config(**overrides) -> ConvNextConfig:
@@ -182,17 +176,7 @@ def mobilenet_v2_backbone(**overrides):
 
 
 def tiny_deit_config(**overrides) -> DeiTConfig:
-    settings = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        image_size=32,
-        patch_size=8,
-        id2label=TINY_LABELS,
-    )
-    settings.update(overrides)
-    return DeiTConfig(**settings)
+    return DeiTConfig(**{**TINY_TRANSFORMER, "intermediate_size": 37, **overrides})
 
 
 def deit_classifier(**overrides):
@@ -212,17 +196,7 @@ def deit_backbone(**overrides):
 
 
 def tiny_dinov2_config(**overrides) -> Dinov2Config:
-    settings = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        mlp_ratio=2,
-        image_size=32,
-        patch_size=8,
-        id2label=TINY_LABELS,
-    )
-    settings.update(overrides)
-    return Dinov2Config(**settings)
+    return Dinov2Config(**{**TINY_TRANSFORMER, "mlp_ratio": 2, **overrides})
 
 
 def dinov2_classifier(**overrides):
