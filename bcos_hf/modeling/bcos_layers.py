@@ -669,10 +669,12 @@ def explanation_mode(model: nn.Module, enabled: bool = True) -> Iterator[nn.Modu
     """
     modules = [module for module in model.modules() if isinstance(module, ExplainableMixin)]
     previous = [module.explaining for module in modules]
+    # ``explaining`` is a plain attribute: set it past nn.Module.__setattr__, which costs more than the
+    # layers' own work in an explanation of a small batch.
     for module in modules:
-        module.explaining = enabled
+        object.__setattr__(module, "explaining", enabled)
     try:
         yield model
     finally:
         for module, state in zip(modules, previous, strict=True):
-            module.explaining = state
+            object.__setattr__(module, "explaining", state)
