@@ -137,13 +137,19 @@ class Runner:
             return F.cross_entropy(outputs.logits.float(), self.labels)
         return primary_output(outputs).float().square().mean()
 
+    def _mode(self, training: bool) -> None:
+        """Switch train/eval only when it changes: ``Module.train`` walks every submodule, host time that
+        a training or inference loop does not spend per step."""
+        if self.model.training != training:
+            self.model.train(training)
+
     def forward(self) -> None:
-        self.model.eval()
+        self._mode(training=False)
         with torch.inference_mode(), self._autocast():
             self.model(pixel_values=self.images)
 
     def train_forward(self) -> torch.Tensor:
-        self.model.train()
+        self._mode(training=True)
         with self._autocast():
             return self._loss(self.model(pixel_values=self.images))
 
@@ -153,7 +159,7 @@ class Runner:
         self.optimizer.step()
 
     def explain(self) -> None:
-        self.model.eval()
+        self._mode(training=False)
         images = self.images.detach().requires_grad_(True)
         mode = bcos_hf.explanation_mode(self.model) if self.bcos else nullcontext()
         with mode, self._autocast():
