@@ -50,9 +50,9 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# Elementwise kernels on (A, C, B) views: ``out`` and the gradients are (A, C, B); ``norm_sq`` is ``||x||^2``
-# of the input row (linear) or receptive field (conv group), (A, 1, B) in float32, broadcast over the C
-# output units that share it. Norms, squares and reductions are float32; the B = 2 kernels are chains of
+# Elementwise kernels on (A, C, B) views: ``out`` and the gradients are (A, C, B); ``norm`` is
+# ``sqrt(||x||^2 + eps)`` of the input row (linear) or receptive field (conv group), (A, 1, B) in float32,
+# broadcast over the C output units that share it. Norms, squares and reductions are float32; the B = 2 kernels are chains of
 # in-place operations on one fresh tensor of the activation dtype (the cosine is formed before the
 # product, so float16 does not overflow): three passes over the activation in the forward, four in the
 # backward. On CUDA, tensors of FUSE_MIN_BYTES and more run them as one fused kernel (``_launch``).
@@ -64,7 +64,8 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _norm(norm_sq: torch.Tensor) -> torch.Tensor:
-    return (norm_sq + NORM_EPS).sqrt()
+    """``n = sqrt(||x||^2 + eps)``, in place: ``norm_sq`` is always a fresh tensor here."""
+    return norm_sq.add_(NORM_EPS).sqrt_()
 
 
 def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -74,42 +75,42 @@ def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (_wide(a) * _wide(b)).sum(dim=1, keepdim=True)
 
 
-def _scale2_forward(out: torch.Tensor, norm_sq: torch.Tensor) -> torch.Tensor:
-    return out.abs().div_(_norm(norm_sq)).mul_(out)
+def _scale2_forward(out: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return out.abs().div_(norm).mul_(out)
 
 
-def _scale2_backward(grad: torch.Tensor, y: torch.Tensor, norm_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale2_backward(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """B = 2 from the saved output: ``|out| / n = sqrt(|y| / n)``, so ``dy/dout = 2|out|/n`` and
     ``dy/dn = -y / n`` need only ``y`` (which the next layer saves anyway) and the norm. Returns the
     gradient to ``out`` and ``dL/dn / n`` per row or window (what the input gradient of the norm needs)."""
-    grad_out = y.abs().div_(_norm(norm_sq) * 0.25).sqrt_().mul_(grad)
-    return grad_out, _sum_of_products(grad, y).div_(norm_sq + NORM_EPS).neg_()
+    grad_out = y.abs().div_(norm * 0.25).sqrt_().mul_(grad)
+    return grad_out, _sum_of_products(grad, y).div_(norm.square()).neg_()
 
 
-def _scale2_backward_detached(grad: torch.Tensor, y: torch.Tensor, norm_sq: torch.Tensor) -> torch.Tensor:
+def _scale2_backward_detached(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """Explanation mode, B = 2: ``y = s * out`` with the constant ``s = |out| / n``, so ``dy/dout = s``."""
-    return y.abs().div_(_norm(norm_sq)).sqrt_().mul_(grad)
+    return y.abs().div_(norm).sqrt_().mul_(grad)
 
 
-def _scale_forward(out: torch.Tensor, norm_sq: torch.Tensor, b: float) -> torch.Tensor:
+def _scale_forward(out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
     wide = _wide(out)
-    return (wide * (wide.abs() / _norm(norm_sq) + SCALE_EPS).pow(b - 1)).to(out.dtype)
+    return (wide * (wide.abs() / norm + SCALE_EPS).pow(b - 1)).to(out.dtype)
 
 
 def _scale_backward(
-    grad: torch.Tensor, out: torch.Tensor, norm_sq: torch.Tensor, b: float
+    grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """General B: with ``c = |out| / n`` and ``s = (c + eps)^(B-1)``, ``dy/dout = s + c s'(c)`` and
     ``dy/dn = -out c s'(c) / n``, where ``s'(c) = (B-1)(c + eps)^(B-2)``."""
     grad_wide, out_wide = _wide(grad), _wide(out)
-    cos = out_wide.abs() / _norm(norm_sq)
+    cos = out_wide.abs() / norm
     slope = (b - 1) * (cos + SCALE_EPS).pow(b - 2) * cos
     grad_out = grad_wide * ((cos + SCALE_EPS).pow(b - 1) + slope)
-    return grad_out.to(grad.dtype), -_sum_of_products(grad_wide * out_wide, slope) / (norm_sq + NORM_EPS)
+    return grad_out.to(grad.dtype), -_sum_of_products(grad_wide * out_wide, slope) / norm.square()
 
 
-def _scale_backward_detached(grad: torch.Tensor, out: torch.Tensor, norm_sq: torch.Tensor, b: float) -> torch.Tensor:
-    return (_wide(grad) * (_wide(out).abs() / _norm(norm_sq) + SCALE_EPS).pow(b - 1)).to(grad.dtype)
+def _scale_backward_detached(grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
+    return (_wide(grad) * (_wide(out).abs() / norm + SCALE_EPS).pow(b - 1)).to(grad.dtype)
 
 
 FUSE_ON_CUDA = True
@@ -205,31 +206,31 @@ class _BcosScale(torch.autograd.Function):
     """``y = out * |cos|^(B-1)``, ``cos = out / sqrt(||x||^2 + eps)``, for a layer's output ``out`` (A, C, B)
     and its input ``x``; one autograd node per layer, with a closed-form backward to ``out`` and ``x``.
 
-    Saves ``y`` (B = 2) or ``out``, the squared norms and ``x``, which the matrix product saves anyway. With
-    ``detached`` (explanation mode) the factor is a constant: ``x`` gets no gradient from it.
+    Saves ``y`` (B = 2) or ``out``, the float32 norms and ``x``, which the matrix product saves anyway.
+    With ``detached`` (explanation mode) the factor is a constant: ``x`` gets no gradient from it.
     """
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, x: torch.Tensor, window: Window | None, b: float, detached: bool):
         norm_sq = _norm_sq(x, window)
-        flat = norm_sq.reshape(out.shape[0], 1, out.shape[2])
-        y = _launch(_scale2_forward, out, flat) if b == 2 else _launch(_scale_forward, out, flat, b)
-        ctx.save_for_backward(y if b == 2 else out, flat, None if detached else x)
+        norm = _norm(norm_sq.reshape(out.shape[0], 1, out.shape[2]))
+        y = _launch(_scale2_forward, out, norm) if b == 2 else _launch(_scale_forward, out, norm, b)
+        ctx.save_for_backward(y if b == 2 else out, norm, None if detached else x)
         ctx.window, ctx.b, ctx.detached, ctx.norm_shape = window, b, detached, norm_sq.shape
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        saved, norm_sq, x = ctx.saved_tensors
+        saved, norm, x = ctx.saved_tensors
         b = ctx.b
         if ctx.detached:
             if b == 2:
-                return _launch(_scale2_backward_detached, grad, saved, norm_sq), None, None, None, None
-            return _launch(_scale_backward_detached, grad, saved, norm_sq, b), None, None, None, None
+                return _launch(_scale2_backward_detached, grad, saved, norm), None, None, None, None
+            return _launch(_scale_backward_detached, grad, saved, norm, b), None, None, None, None
         if b == 2:
-            grad_out, coef = _launch(_scale2_backward, grad, saved, norm_sq)
+            grad_out, coef = _launch(_scale2_backward, grad, saved, norm)
         else:
-            grad_out, coef = _launch(_scale_backward, grad, saved, norm_sq, b)
+            grad_out, coef = _launch(_scale_backward, grad, saved, norm, b)
         grad_x = _norm_input_grad(x, coef.reshape(ctx.norm_shape), ctx.window) if ctx.needs_input_grad[1] else None
         return grad_out, grad_x, None, None, None
 
@@ -244,8 +245,8 @@ def bcos_scale(out: torch.Tensor, x: torch.Tensor, window: Window | None, b: flo
     """
     if torch.is_grad_enabled():
         return _BcosScale.apply(out, x, window, b, detached)
-    flat = _norm_sq(x, window).reshape(out.shape[0], 1, out.shape[2])
-    return _launch(_scale2_forward, out, flat) if b == 2 else _launch(_scale_forward, out, flat, b)
+    norm = _norm(_norm_sq(x, window).reshape(out.shape[0], 1, out.shape[2]))
+    return _launch(_scale2_forward, out, norm) if b == 2 else _launch(_scale_forward, out, norm, b)
 
 
 def _validate_b(b: float) -> float:
