@@ -173,7 +173,7 @@ def plot_accuracy(results: dict, path: Path, width: int = 720, height: int = 440
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=ARM_COLOURS[name])
         draw.line([right + 15, top + 20 + 22 * row, right + 40, top + 20 + 22 * row], fill=ARM_COLOURS[name], width=3)
-        draw.text((right + 46, top + 14 + 22 * row), f"({'abc'[row]}) {name}", fill="black")
+        draw.text((right + 46, top + 14 + 22 * row), f"({'abc'[ARMS.index(name)]}) {name}", fill="black")
     image.save(path)
 
 
@@ -212,7 +212,8 @@ def explanation_figure(
     canvas.save(path)
 
 
-def run(budget: Budget, output: Path) -> dict:
+def run(budget: Budget, output: Path, arms: tuple[str, ...] = ARMS) -> dict:
+    """Train the chosen arms, score their localisation, draw the pictures and the plot, write results.json."""
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     work = output / "work"
@@ -221,32 +222,38 @@ def run(budget: Budget, output: Path) -> dict:
     source_dir = build_source(work / "source", budget.resolution)
     bcos_dir = work / "bcosified-initial"
     conversion = convert(source_dir, bcos_dir)
-    processor = conversion.image_processor
-
-    standard = MobileNetV2ForImageClassification.from_pretrained(source_dir, dtype=torch.float32)
-    bcosified = conversion.model.train()
-    torch.manual_seed(budget.seed)
-    scratch = BcosForImageClassification(BcosConfig.from_pretrained(bcos_dir))
-
+    processor = conversion.image_processor  # the source's, normalisation off
+    source_processor = AutoImageProcessor.from_pretrained(source_dir)  # normalises, as the standard model expects
     bcos_collator = ImageClassificationCollator(processor, num_labels=10)
-    standard_collator = NormalisingCollator(processor, num_labels=10)
+
+    # name -> (model, collator, epochs, processor for GridPG, GridPG methods)
+    setups = {}
+    if "standard" in arms:
+        standard = MobileNetV2ForImageClassification.from_pretrained(source_dir, dtype=torch.float32)
+        collator = NormalisingCollator(processor, num_labels=10)
+        setups["standard"] = (standard, collator, budget.epochs, source_processor, ("ixg", "gradcam"))
+    if "bcosified" in arms:
+        bcos_methods = ("bcos", "ixg", "gradcam")
+        setups["bcosified"] = (conversion.model.train(), bcos_collator, budget.epochs, processor, bcos_methods)
+    if "scratch" in arms:
+        torch.manual_seed(budget.seed)
+        scratch = BcosForImageClassification(BcosConfig.from_pretrained(bcos_dir))
+        setups["scratch"] = (scratch, bcos_collator, budget.scratch_epochs, processor, ("bcos", "ixg", "gradcam"))
     results = {
-        "standard": train_arm("standard", standard, budget, budget.epochs, work, train, test, standard_collator),
-        "bcosified": train_arm("bcosified", bcosified, budget, budget.epochs, work, train, test, bcos_collator),
-        "scratch": train_arm("scratch", scratch, budget, budget.scratch_epochs, work, train, test, bcos_collator),
+        name: train_arm(name, model, budget, epochs, work, train, test, collator)
+        for name, (model, collator, epochs, _, _) in setups.items()
     }
-    scratch_final = results["scratch"]["accuracy"][-1]
-    reached = epochs_to_reach(results["bcosified"]["accuracy"], scratch_final)
+    scratch_final = results["scratch"]["accuracy"][-1] if "scratch" in results else None
+    reached = (
+        epochs_to_reach(results["bcosified"]["accuracy"], scratch_final)
+        if "bcosified" in results and scratch_final is not None
+        else None
+    )
 
     smoothing = max(1, round(15 * budget.resolution / 224)) | 1
     grid_options = dict(grid=2, num_grids=budget.grids, seed=budget.seed, smoothing=smoothing, progress=True)
     localisation = {}
-    source_processor = AutoImageProcessor.from_pretrained(source_dir)  # normalises, as the standard model expects
-    for name, model, arm_processor, methods in (
-        ("standard", standard, source_processor, ("ixg", "gradcam")),
-        ("bcosified", bcosified, processor, ("bcos", "ixg", "gradcam")),
-        ("scratch", scratch, processor, ("bcos", "ixg", "gradcam")),
-    ):
+    for name, (model, _, _, arm_processor, methods) in setups.items():
         model.eval()
         try:
             scores = grid_pointing_game(model, test, image_processor=arm_processor, methods=methods, **grid_options)
@@ -259,11 +266,15 @@ def run(budget: Budget, output: Path) -> dict:
     picked = [next(i for i, label in enumerate(test["label"]) if label == c) for c in range(budget.explained_images)]
     images = bcos_collator([test[i] for i in picked])["pixel_values"]
     names = [FASHION_MNIST_LABELS[test[i]["label"]] for i in picked]
-    standard_maps = input_x_gradient_heatmaps(standard, images, processor.image_mean, processor.image_std)
-    columns = {"(a) standard: input x gradient": standard_maps}
-    for name, model in (("bcosified", bcosified), ("scratch", scratch)):
+    columns = {}
+    for name, (model, *_) in setups.items():
+        label = f"({'abc'[ARMS.index(name)]}) {name}"
+        if name == "standard":
+            columns[f"{label}: input x gradient"] = input_x_gradient_heatmaps(
+                model, images, processor.image_mean, processor.image_std
+            )
+            continue
         explanation = model.explain(images)
-        label = f"({'b' if name == 'bcosified' else 'c'}) {name}"
         columns[f"{label}: B-cos"] = explanation.explanation_images(smoothing=1)
         columns[f"{label}: contributions"] = explanation.heatmap_images()
     explanation_figure(images, names, columns, output / "explanations.png")
@@ -296,24 +307,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, help="epochs of arms (a) and (b)")
     parser.add_argument("--scratch-epochs", type=int, help="epochs of arm (c)")
     parser.add_argument("--train-size", type=int, help="training images (Fashion-MNIST has 60k)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     hf_logging.set_verbosity_warning()
     budget = QUICK if args.quick else FULL
     overrides = {"epochs": args.epochs, "scratch_epochs": args.scratch_epochs, "train_size": args.train_size}
     budget = replace(budget, **{key: value for key, value in overrides.items() if value is not None})
-    summary = run(budget, args.output)
-    arms = summary["arms"]
+    summary = run(budget, args.output, tuple(args.arms))
     print(f"\nResults in {args.output} ({summary['seconds']:.0f} s in all)")
-    for name in ARMS:
-        arm = arms[name]
+    for name, arm in summary["arms"].items():
         print(
             f"  {name:10s} accuracy by epoch {[round(a, 3) for a in arm['accuracy']]}  ({arm['train_seconds']:.0f} s)"
         )
-    print(
-        f"  (b) reaches (c)'s final accuracy {summary['scratch_final_accuracy']:.3f} after "
-        f"{summary['bcosified_epochs_to_reach_scratch']} epoch(s) (c trained {summary['budget']['scratch_epochs']})"
-    )
+    if summary["scratch_final_accuracy"] is not None and "bcosified" in summary["arms"]:
+        print(
+            f"  (b) reaches (c)'s final accuracy {summary['scratch_final_accuracy']:.3f} after "
+            f"{summary['bcosified_epochs_to_reach_scratch']} epoch(s) (c trained {summary['budget']['scratch_epochs']})"
+        )
     for name, methods in summary["localisation_2x2"].items():
         scores = methods.get("skipped") or ", ".join(f"{m} {r['mean']:.3f}" for m, r in methods.items())
         print(f"  GridPG 2x2 {name:10s} {scores}")
