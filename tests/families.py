@@ -52,6 +52,25 @@ IMAGE_MEAN = [0.485, 0.456, 0.406]
 IMAGE_STD = [0.229, 0.224, 0.225]
 
 
+def random_images(batch: int, height: int = 32, width: int | None = None, seed: int = 1) -> torch.Tensor:
+    """Seeded images in [0, 1] (square unless ``width`` is given)."""
+    return torch.rand(batch, 3, height, width or height, generator=torch.Generator().manual_seed(seed))
+
+
+def normalised(images: torch.Tensor, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Tensor:
+    """Images in [0, 1] normalised the way a source model's processor does it."""
+    return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def assert_same_outputs(actual, expected, backbone: bool, atol: float = 1e-5) -> None:
+    """A B-cos model's outputs equal its source's: logits of classifiers, hidden states and pooling of backbones."""
+    if backbone:
+        torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, rtol=0, atol=atol)
+        torch.testing.assert_close(actual.pooler_output, expected.pooler_output, rtol=0, atol=atol)
+    else:
+        torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=atol)
+
+
 def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter random values, so biases, norms and embeddings all matter in comparisons."""
     generator = torch.Generator().manual_seed(seed)

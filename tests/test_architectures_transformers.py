@@ -14,18 +14,10 @@ from bcos_hf import BcosForImageClassification, BcosLinear, BcosModel, Detachabl
 from bcos_hf.convert import convert
 
 from .conftest import run_without_bcos_hf
-from .families import FAMILIES, IMAGE_MEAN, IMAGE_STD, save_family
+from .families import FAMILIES, assert_same_outputs, normalised, random_images, save_family
 
 CLASSIFIERS = ("deit", "deit-distilled", "dinov2", "clip-classifier", "siglip-classifier")
 BACKBONES = ("deit-backbone", "dinov2-backbone", "clip_vision_model-backbone")
-
-
-def normalised(images: torch.Tensor, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Tensor:
-    return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
-def random_images(batch: int, size: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize(
@@ -61,13 +53,9 @@ def test_equivalence_mode_reproduces_the_source(tmp_path, family, overrides):
     with torch.no_grad():
         expected = source(pixel_values=normalised(images, mean, std))
         actual = conversion.model(pixel_values=images)
-    if family.endswith("-backbone"):
-        assert isinstance(conversion.model, BcosModel)
-        torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, rtol=0, atol=1e-5)
-        torch.testing.assert_close(actual.pooler_output, expected.pooler_output, rtol=0, atol=1e-5)
-    else:
-        assert isinstance(conversion.model, BcosForImageClassification)
-        torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=1e-5)
+    backbone = family.endswith("-backbone")
+    assert isinstance(conversion.model, BcosModel if backbone else BcosForImageClassification)
+    assert_same_outputs(actual, expected, backbone)
 
 
 @pytest.mark.parametrize("family", [*CLASSIFIERS, *BACKBONES])

@@ -31,13 +31,9 @@ from bcos_hf.convert import IMAGE_TEXT_NOTE, convert
 from bcos_hf.modeling.adapter_siglip import BcosMultiheadAttention
 
 from .conftest import run_without_bcos_hf
-from .families import FAMILIES, save_family
+from .families import FAMILIES, random_images, save_family
 
 LABELS = ["a photo of a cat", "a photo of a dog", "a car"]
-
-
-def random_images(batch: int, size: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def clip_inputs(processor: CLIPProcessor, images: torch.Tensor, **padding) -> dict:
