@@ -67,7 +67,7 @@ def check_pixel_values(pixel_values: torch.Tensor | None) -> None:
         )
     if torch.compiler.is_compiling():
         return
-    low, high = (value.item() for value in torch.aminmax(pixel_values.detach()))
+    low, high = torch.stack(torch.aminmax(pixel_values.detach())).float().tolist()  # one device sync
     if low >= -PIXEL_RANGE_TOLERANCE and high <= 1 + PIXEL_RANGE_TOLERANCE:
         return
     if not torch.isfinite(pixel_values).all():
