@@ -249,3 +249,13 @@ def test_forward_with_labels_and_hidden_states(tiny_vit_dir):
     assert outputs.loss is not None and outputs.loss.ndim == 0
     assert len(outputs.hidden_states) == 3
     assert model(pixel_values=torch.rand(1, 3, 32, 32), return_dict=False)[0].shape == (1, 3)
+
+
+def test_backbone_works_in_the_feature_extraction_pipeline(tiny_vit_model_dir, tmp_path):
+    """The model card of a backbone advertises pipeline("image-feature-extraction")."""
+    convert(tiny_vit_model_dir, tmp_path / "backbone")
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path / "backbone"))
+    features = torch.tensor(extractor(Image.new("RGB", (40, 40), (20, 100, 200))))
+    assert features.shape == (1, 17, 32)  # class token + 16 patches, hidden size 32
+    card = (tmp_path / "backbone" / "README.md").read_text()
+    assert "pipeline_tag: image-feature-extraction" in card
