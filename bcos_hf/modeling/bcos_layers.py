@@ -202,6 +202,16 @@ def _norm_input_grad(x: torch.Tensor, coef: torch.Tensor, window: Window | None)
     return (x.unflatten(1, (groups, -1)) * per_group.unsqueeze(2).to(x.dtype)).flatten(1, 2)
 
 
+def _scaled(
+    out: torch.Tensor, x: torch.Tensor, window: Window | None, b: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+    """The forward of the B-cos factor: ``y``, the norm (A, 1, B) and the shape of the per-row/window norms."""
+    norm_sq = _norm_sq(x, window)
+    norm = _norm(norm_sq.reshape(out.shape[0], 1, out.shape[2]))
+    y = _launch(_scale2_forward, out, norm) if b == 2 else _launch(_scale_forward, out, norm, b)
+    return y, norm, norm_sq.shape
+
+
 class _BcosScale(torch.autograd.Function):
     """``y = out * |cos|^(B-1)``, ``cos = out / sqrt(||x||^2 + eps)``, for a layer's output ``out`` (A, C, B)
     and its input ``x``; one autograd node per layer, with a closed-form backward to ``out`` and ``x``.
@@ -212,11 +222,9 @@ class _BcosScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, x: torch.Tensor, window: Window | None, b: float, detached: bool):
-        norm_sq = _norm_sq(x, window)
-        norm = _norm(norm_sq.reshape(out.shape[0], 1, out.shape[2]))
-        y = _launch(_scale2_forward, out, norm) if b == 2 else _launch(_scale_forward, out, norm, b)
+        y, norm, norm_shape = _scaled(out, x, window, b)
         ctx.save_for_backward(y if b == 2 else out, norm, None if detached else x)
-        ctx.window, ctx.b, ctx.detached, ctx.norm_shape = window, b, detached, norm_sq.shape
+        ctx.window, ctx.b, ctx.detached, ctx.norm_shape = window, b, detached, norm_shape
         return y
 
     @staticmethod
@@ -245,8 +253,13 @@ def bcos_scale(out: torch.Tensor, x: torch.Tensor, window: Window | None, b: flo
     """
     if torch.is_grad_enabled():
         return _BcosScale.apply(out, x, window, b, detached)
-    norm = _norm(_norm_sq(x, window).reshape(out.shape[0], 1, out.shape[2]))
-    return _launch(_scale2_forward, out, norm) if b == 2 else _launch(_scale_forward, out, norm, b)
+    return _scaled(out, x, window, b)[0]
+
+
+def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with every output unit (row of a linear weight, filter of a convolution) of norm 1."""
+    norms = weight.float().flatten(1).norm(dim=1).clamp_min(1e-12).to(weight.dtype)
+    return weight / norms.view(-1, *[1] * (weight.ndim - 1))
 
 
 def _validate_b(b: float) -> float:
@@ -288,9 +301,7 @@ class BcosLinear(nn.Linear, ExplainableMixin):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.normalize_weights:
-            weight = weight / weight.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(weight.dtype)
+        weight = _unit_rows(self.weight) if self.normalize_weights else self.weight
         if self.b == 1:
             return F.linear(x, weight, self.bias)
         x = _autocast_input(x)
@@ -376,10 +387,7 @@ class BcosConv2d(nn.Conv2d, ExplainableMixin):
         return self.groups, self.kernel_size, self.stride, padding, self.dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.normalize_weights:
-            unit = weight.float().flatten(1).norm(dim=1).clamp_min(1e-12).to(weight.dtype)
-            weight = weight / unit[:, None, None, None]
+        weight = _unit_rows(self.weight) if self.normalize_weights else self.weight
         if self.b == 1:
             return self._conv_forward(x, weight, self.bias)
         x = _autocast_input(x)
