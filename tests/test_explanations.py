@@ -238,7 +238,9 @@ def test_clip_explains_image_text_similarity_per_prompt(tmp_path, name):
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     calibrate(model.network.vision_model, model.encode_pixels(images))
     processor = AutoProcessor.from_pretrained(tmp_path / "bcos")
-    tokens = processor.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    siglip_padding = {"padding": "max_length", "max_length": 64}  # what the zero-shot pipeline uses for SigLIP
+    assert model.text_padding == (siglip_padding if "siglip" in name else {"padding": True})
+    tokens = processor.tokenizer(PROMPTS, return_tensors="pt", **model.text_padding)
     with torch.no_grad():
         logits_per_image = model(**tokens, pixel_values=images).logits_per_image
 

@@ -27,6 +27,8 @@ class BcosCLIPModel(BcosPreTrainedModel):
     config_class = BcosCLIPConfig
     input_modalities = ("image", "text")
     task = "zero-shot-image-classification"
+    text_padding = {"padding": True}
+    """How ``explain`` pads prompts: as the zero-shot pipeline does for this family."""
 
     def __init__(self, config: BcosCLIPConfig, network=None) -> None:
         super().__init__(config, network)
@@ -111,7 +113,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
                         f"No tokenizer saved with this model ({self.name_or_path or 'not loaded from a folder'}): "
                         "pass tokenizer=... (e.g. the source CLIP's) or input_ids=... instead of text only."
                     ) from error
-            tokens = tokenizer(list(text), padding=True, return_tensors="pt")
+            tokens = tokenizer(list(text), return_tensors="pt", **self.text_padding)
             input_ids, attention_mask = tokens["input_ids"], tokens.get("attention_mask")
         with torch.no_grad():
             mask = None if attention_mask is None else attention_mask.to(self.device)
@@ -134,6 +136,7 @@ class BcosSiglipModel(BcosCLIPModel):
     config: BcosSiglipConfig
     config_class = BcosSiglipConfig
     task = "zero-shot-image-classification-sigmoid"
+    text_padding = {"padding": "max_length", "max_length": 64}  # SigLIP was trained on prompts padded to 64
 
 
 BcosCLIPConfig.register_for_auto_class()
