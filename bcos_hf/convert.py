@@ -191,7 +191,7 @@ def convert(
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
 ) -> Conversion:
-    """Convert a ViT (and every other supported family) checkpoint into a B-cos model.
+    """Convert a checkpoint of a supported family (see ``ADAPTERS``) into a B-cos model.
 
     Args:
         source: hub id or local folder of a supported checkpoint, or a loaded model (which is copied, not
