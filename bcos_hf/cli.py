@@ -1,4 +1,4 @@
-"""The ``bcos-hf`` command line: ``bcos-hf convert SRC OUT [--b B] [--keep-bias]``."""
+"""The ``bcos-hf`` command line: ``convert``, ``align`` (label-free, with the original), ``explain``, ``localisation``."""
 
 from __future__ import annotations
 
@@ -145,6 +145,74 @@ def _run_localisation(args: argparse.Namespace) -> None:
         save_results(results, args.out)
 
 
+def _add_align(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "align",
+        help="Train a converted B-cos model to match its original on unlabelled images (no labels needed).",
+        description="Label-free alignment (bcos_hf.alignment): the B-cos model learns to reproduce its original's "
+        "outputs after every block, and its logits or image embeddings, on a folder of images (labels, if "
+        "any, are ignored). Saves the aligned model to OUTPUT_DIR.",
+    )
+    parser.add_argument("model", help="a B-cos model folder (from `bcos-hf convert`)")
+    parser.add_argument("images", help="a folder of images (any sub-folders), or a saved datasets.Dataset")
+    parser.add_argument("output_dir", help="folder to save the aligned model to")
+    parser.add_argument("--teacher", help="the original model (default: the source recorded at conversion)")
+    parser.add_argument("--max-steps", type=int, default=600, help="optimiser steps (default 600)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the recipe's (1e-3)")
+    parser.add_argument(
+        "--calibration-batches",
+        type=int,
+        default=8,
+        help="BatchNorm networks: batches to re-estimate running statistics on before training (default 8)",
+    )
+    parser.set_defaults(handler=_run_align)
+
+
+def _run_align(args: argparse.Namespace) -> None:
+    import itertools
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor
+
+    import bcos_hf
+
+    from .alignment import alignment_arguments, calibrate_batchnorm, has_batchnorm
+    from .data import ImageClassificationCollator, load_image_dataset
+    from .training import BcosTrainer
+
+    config = AutoConfig.from_pretrained(args.model)
+    if not str(config.model_type).startswith("bcos"):
+        raise ValueError(f"{args.model} is not a B-cos model (model_type {config.model_type!r}): convert it first.")
+    model_class = getattr(bcos_hf, (config.architectures or ["BcosForImageClassification"])[0])
+    model = model_class.from_pretrained(args.model, dtype=torch.float32)
+    teacher_source = args.teacher or config.source_checkpoint
+    if not teacher_source:
+        raise ValueError("The model does not record the checkpoint it was converted from: pass --teacher.")
+    teacher = getattr(transformers, config.source_architecture).from_pretrained(teacher_source, dtype=torch.float32)
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    images = load_image_dataset(args.images)
+    images = images.remove_columns([c for c in images.column_names if c not in {"image", "img"}])
+    if len(images) == 0:
+        raise ValueError(f"{args.images} holds no images.")
+    collator = ImageClassificationCollator(processor)
+    if has_batchnorm(model):
+        batches = (
+            collator([images[i] for i in range(start, min(start + args.batch_size, len(images)))])["pixel_values"]
+            for start in range(0, len(images), args.batch_size)
+        )
+        calibrate_batchnorm(model, itertools.islice(batches, args.calibration_batches))
+    overrides = {"per_device_train_batch_size": args.batch_size}
+    if args.learning_rate is not None:
+        overrides["learning_rate"] = args.learning_rate
+    training_args = alignment_arguments(model, str(args.output_dir), args.max_steps, **overrides)
+    trainer = BcosTrainer(model, training_args, teacher=teacher, train_dataset=images, data_collator=collator)
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    print(f"Aligned {args.model} with {teacher_source} for {args.max_steps} steps -> {args.output_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bcos-hf", description="B-cos models for Hugging Face transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -152,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers)
     _add_explain(subparsers)
     _add_localisation(subparsers)
+    _add_align(subparsers)
     return parser
 
 

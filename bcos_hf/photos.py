@@ -211,9 +211,15 @@ def photo_category_counts(root: str | Path = TUXPAINT_STAMPS_DIR) -> dict[str, i
     return dict(counts.most_common())
 
 
-Background = Literal["colour", "grey", "texture"] | tuple[int, int, int] | Image.Image
+Background = Literal["colour", "grey", "texture", "photo"] | tuple[int, int, int] | Image.Image
 """What ``composite`` puts behind a stamp: a random uniform colour or grey level, a random tinted crop of one
-of scikit-image's bundled textures (brick, grass, gravel), one given colour, or a random crop of a given image."""
+of scikit-image's bundled textures (brick, grass, gravel), a random crop of a natural photo (``scenery``), one
+given colour, or a random crop of a given image."""
+
+SCENERY_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry")
+SCENERY_FOLDERS = (Path("/usr/share/backgrounds"),)
+"""Natural photos on the machine: scikit-image's bundled colour photos and, when the Debian package
+``gnome-backgrounds`` is installed, its large landscape photos."""
 
 TEXTURES = ("brick", "grass", "gravel")
 
@@ -228,6 +234,37 @@ def _textures() -> tuple[np.ndarray, ...]:
             'or use background="colour".'
         ) from missing
     return tuple(np.asarray(getattr(data, name)(), dtype=np.float32) / 255.0 for name in TEXTURES)
+
+
+@functools.lru_cache(maxsize=1)
+def scenery() -> tuple[Image.Image, ...]:
+    """The natural photos available offline (``SCENERY_PHOTOS``, ``SCENERY_FOLDERS``), at most 1024 px a side."""
+    photos = []
+    try:
+        from skimage import data
+    except ImportError:
+        data = None
+    for name in SCENERY_PHOTOS if data is not None else ():
+        try:
+            pixels = np.asarray(getattr(data, name)())
+        except Exception:  # some scikit-image photos need the network: skip them
+            continue
+        if pixels.ndim == 3:
+            photos.append(Image.fromarray(pixels[..., :3]))
+    for folder in SCENERY_FOLDERS:
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
+            if path.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"}:
+                with Image.open(path) as image:
+                    image.draft("RGB", (1024, 1024))
+                    photo = image.convert("RGB")
+                photo.thumbnail((1024, 1024))
+                photos.append(photo)
+    if not photos:
+        raise FileNotFoundError(
+            'background="photo" crops natural photos: install scikit-image (`pip install scikit-image`) or the '
+            'Debian package gnome-backgrounds, or use background="texture".'
+        )
+    return tuple(photos)
 
 
 def _random_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
@@ -257,8 +294,12 @@ def make_background(background: Background, size: int, rng: np.random.Generator)
         tint = rng.uniform(0.25, 1.0, size=3).astype(np.float32)
         pixels = np.clip(texture[..., None] * tint * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return _random_crop(Image.fromarray(pixels, "RGB"), size, rng)
+    if background == "photo":
+        photos = scenery()
+        return _random_crop(photos[int(rng.integers(len(photos)))], size, rng)
     raise ValueError(
-        f'background must be "colour", "grey", "texture", an (r, g, b) tuple or a PIL image, got {background!r}.'
+        'background must be "colour", "grey", "texture", "photo", an (r, g, b) tuple or a PIL image, '
+        f"got {background!r}."
     )
 
 
@@ -367,6 +408,56 @@ def unlabelled_stamps(
     ]
 
 
+class UnlabelledImages:
+    """An endless supply of label-free training images, made on demand: item ``i`` is variant ``i // n`` of
+    stamp ``i % n`` (``unlabelled_stamps``), composited on a random ``background`` at a random size (55-95 %
+    of the square) and position, flipped half the time.
+
+    A map-style dataset (``len``, ``[i]`` -> ``{"image": PIL image}``) that the ``Trainer`` takes as it is;
+    ``variants`` sets its length. Deterministic given ``seed``; stamps are decoded once and kept at most
+    ``2 * size`` pixels a side.
+    """
+
+    def __init__(
+        self,
+        size: int = 112,
+        seed: int = 0,
+        variants: int = 1,
+        exclude_photo_categories: bool = True,
+        background: Background = "colour",
+        root: str | Path = TUXPAINT_STAMPS_DIR,
+        categories: Sequence[str] = PHOTO_CATEGORIES,
+    ) -> None:
+        if variants < 1:
+            raise ValueError(f"variants is the number of composites per stamp: at least 1, got {variants}.")
+        self.size, self.seed, self.variants, self.background = size, seed, variants, background
+        self.stamps = unlabelled_stamps(root, categories, exclude_photo_categories)
+        self._decoded: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.stamps) * self.variants
+
+    def _stamp_image(self, index: int) -> Image.Image:
+        if index not in self._decoded:
+            with Image.open(self.stamps[index].path) as image:
+                stamp = image.convert("RGBA")
+            stamp.thumbnail((2 * self.size, 2 * self.size), Image.Resampling.LANCZOS)
+            self._decoded[index] = stamp
+        return self._decoded[index]
+
+    def image(self, index: int) -> Image.Image:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} unlabelled images.")
+        stamp_index, variant = index % len(self.stamps), index // len(self.stamps)
+        rng = _stamp_rng(self.seed, self.stamps[stamp_index], variant + 1)  # variant 0: the probe composite's stream
+        fill = float(rng.uniform(0.55, 0.95))
+        picture = composite(self._stamp_image(stamp_index), self.background, self.size, rng, fill=fill, jitter=True)
+        return picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else picture
+
+    def __getitem__(self, index: int) -> dict[str, Image.Image]:
+        return {"image": self.image(index)}
+
+
 def load_unlabelled_images(
     size: int = 112,
     seed: int = 0,
@@ -376,22 +467,7 @@ def load_unlabelled_images(
     categories: Sequence[str] = PHOTO_CATEGORIES,
     background: Background = "colour",
 ) -> list[Image.Image]:
-    """``variants`` random composites of every ``unlabelled_stamps`` stamp, for label-free training.
-
-    Each variant draws its own background, object size (55-95 % of the square), position and horizontal
-    flip. Deterministic given ``seed``; ordered stamp by stamp, variants together.
-    """
-    if variants < 1:
-        raise ValueError(f"variants is the number of composites per stamp: at least 1, got {variants}.")
-    images = []
-    for stamp in unlabelled_stamps(root, categories, exclude_photo_categories):
-        with Image.open(stamp.path) as image:
-            image.load()
-            for variant in range(variants):
-                rng = _stamp_rng(seed, stamp, variant + 1)  # variant 0 is the probe composite's stream
-                fill = float(rng.uniform(0.55, 0.95))
-                picture = composite(image, background, size, rng, fill=fill, jitter=True)
-                if rng.random() < 0.5:
-                    picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                images.append(picture)
-    return images
+    """``variants`` random composites of every ``unlabelled_stamps`` stamp, for label-free training, as a list
+    (``UnlabelledImages`` makes them; ordered variant by variant)."""
+    images = UnlabelledImages(size, seed, variants, exclude_photo_categories, background, root, categories)
+    return [images.image(index) for index in range(len(images))]

@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +32,18 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 
+from .alignment import (
+    ALIGNMENT_MODES,
+    FeatureAlignment,
+    default_alignment_blocks,
+    frozen_batchnorm_statistics,
+    resolve_blocks,
+)
 from .data import check_dataset_labels
 from .hub import conversion_report, training_card_details
 from .model_card import render_model_card
 from .modeling.bcos_layers import BcosConv2d, BcosLinear, DetachableLinear
+from .modeling.modeling_bcos import BcosModel
 from .modeling.modeling_bcos_clip import BcosCLIPModel
 
 logger = logging.getLogger(__name__)
@@ -111,6 +120,44 @@ class BcosTrainingArguments(TrainingArguments):
     distillation_temperature: float = field(
         default=1.0, metadata={"help": "Classifier distillation: softmax temperature of the KL term."}
     )
+    alignment_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of label-free feature alignment with the teacher: the relative squared error between "
+            "the student's and the teacher's outputs after every alignment block (stem, each residual or "
+            "transformer block, final normalisation), added to the loss. 0 turns it off; needs teacher=."
+        },
+    )
+    alignment_mode: str = field(
+        default="chained",
+        metadata={
+            "help": "What each student block sees during alignment: 'chained' (its own input, detached: every "
+            "block corrects the errors before it), 'teacher_forced' (the teacher's input to the same block) or "
+            "'end_to_end' (its own input, gradients through the whole network).",
+            "choices": list(ALIGNMENT_MODES),
+        },
+    )
+    teacher_forced_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Alignment: the first this many optimiser steps run teacher-forced (every block imitates its "
+            "original in isolation, the fastest start) before alignment_mode takes over."
+        },
+    )
+    alignment_blocks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Alignment blocks as module paths inside the base model, '*' for one path component (e.g. "
+            "'encoder.layer.*'); default: the architecture's own list (its adapter's alignment_blocks)."
+        },
+    )
+    freeze_batchnorm_statistics: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep BatchNorm layers on their running statistics while training, so that training and "
+            "evaluation compute the same model (use after bcos_hf.alignment.calibrate_batchnorm)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,6 +173,15 @@ class BcosTrainingArguments(TrainingArguments):
             raise ValueError(
                 "b_warmup_steps and bias_decay must be >= 0, clip_factor and clip_eps > 0; got "
                 f"{self.b_warmup_steps}, {self.bias_decay}, {self.clip_factor}, {self.clip_eps}."
+            )
+        if self.alignment_mode not in ALIGNMENT_MODES:
+            raise ValueError(
+                f"alignment_mode must be one of {', '.join(ALIGNMENT_MODES)}; got {self.alignment_mode!r}."
+            )
+        if not self.alignment_weight >= 0 or self.teacher_forced_steps < 0:
+            raise ValueError(
+                "alignment_weight and teacher_forced_steps must be >= 0; got "
+                f"{self.alignment_weight}, {self.teacher_forced_steps}."
             )
         if self.adaptive_clipping and self.max_grad_norm <= 0:
             raise ValueError(
@@ -357,8 +413,15 @@ class BcosTrainer(Trainer):
                 f"teacher=<the {model.config.source_architecture} it was converted from "
                 f"({model.config.source_checkpoint})>."
             )
+        if args.alignment_weight > 0 and teacher is None:
+            raise ValueError(
+                f"alignment_weight={args.alignment_weight} aligns the student with its original: pass "
+                f"teacher=<the {model.config.source_architecture} it was converted from "
+                f"({model.config.source_checkpoint})>, or set alignment_weight=0."
+            )
+        label_free = self.distils_embeddings or args.alignment_weight > 0
         for split in ("train_dataset", "eval_dataset"):
-            if kwargs.get(split) is not None and not self.distils_embeddings:
+            if kwargs.get(split) is not None and not label_free:
                 check_dataset_labels(kwargs[split], model.config, split)
         if teacher is not None:
             _check_teacher(teacher, model)
@@ -376,6 +439,7 @@ class BcosTrainer(Trainer):
             teacher.eval().requires_grad_(False)
             self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         self.teacher_takes_raw_pixels = teacher is not None and is_bcos_model(teacher)
+        self.alignment_paths: list[str] | None = None
 
     # Loss ------------------------------------------------------------------------------------------------
 
@@ -394,57 +458,86 @@ class BcosTrainer(Trainer):
         return (pixel_values[:, :3] - mean) / std
 
     @torch.no_grad()
-    def teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher's logits on the same images."""
-        return self.teacher(pixel_values=self.teacher_inputs(pixel_values)).logits
-
-    @torch.no_grad()
     def teacher_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frozen teacher's image embeddings (CLIP: projected class token) of the same images."""
         features = self.teacher.get_image_features(pixel_values=self.teacher_inputs(pixel_values))
         return getattr(features, "pooler_output", features)
 
-    def compute_embedding_loss(self, model, inputs, return_outputs=False):
-        """SigLIP distillation of the image embeddings; the student runs through its forward (DDP-safe) with a
-        one-token placeholder text (token id 0), whose (frozen) tower output is not used."""
-        placeholder = torch.zeros((1, 1), dtype=torch.long, device=inputs["pixel_values"].device)
-        outputs = model(pixel_values=inputs["pixel_values"], input_ids=placeholder)
-        loss = siglip_distillation_loss(outputs.image_embeds, self.teacher_image_embeddings(inputs["pixel_values"]))
-        return (loss, outputs) if return_outputs else loss
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Label loss (BCE or cross-entropy), mixed with the KL to the teacher when there is one; for CLIP the
-        SigLIP distillation of the image embeddings (labels, if any, are ignored).
+        SigLIP distillation of the image embeddings (labels, if any, are ignored); plus, with
+        ``alignment_weight``, the feature alignment with the teacher after every alignment block.
 
         A per-batch mean (``num_items_in_batch`` is not needed: ``loss_is_scaled_for_ga`` is False).
         """
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
+        if self.args.alignment_weight > 0:
+            with self._alignment() as alignment, self._batchnorm_context(model):
+                loss, outputs = self._task_loss(model, inputs, labels)
+                aligned = alignment.loss()
+            loss = aligned * self.args.alignment_weight if loss is None else loss + self.args.alignment_weight * aligned
+        else:
+            with self._batchnorm_context(model):
+                loss, outputs = self._task_loss(model, inputs, labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def _batchnorm_context(self, model):
+        return frozen_batchnorm_statistics(model) if self.args.freeze_batchnorm_statistics else nullcontext()
+
+    def _alignment(self) -> FeatureAlignment:
+        """Hooks for this step: teacher-forced for the first ``teacher_forced_steps``, then ``alignment_mode``."""
+        student = self.accelerator.unwrap_model(self.model)
+        teacher = self.accelerator.unwrap_model(self.teacher)
+        if self.alignment_paths is None:
+            self.alignment_paths = resolve_blocks(
+                teacher, self.args.alignment_blocks or default_alignment_blocks(student)
+            )
+        forced = self.state.global_step < self.args.teacher_forced_steps
+        return FeatureAlignment(
+            student.network, teacher, self.alignment_paths, "teacher_forced" if forced else self.args.alignment_mode
+        )
+
+    def _task_loss(self, model, inputs: dict, labels) -> tuple[torch.Tensor | None, object]:
+        """The loss on the model's own output (None for a backbone aligned without labels) and the outputs.
+
+        The teacher runs first: teacher-forced alignment feeds its block inputs to the student.
+        """
+        pixel_values = inputs["pixel_values"]
         if self.distils_embeddings:
-            return self.compute_embedding_loss(model, inputs, return_outputs)
+            teacher_embeddings = self.teacher_image_embeddings(pixel_values)
+            placeholder = torch.zeros((1, 1), dtype=torch.long, device=pixel_values.device)
+            outputs = model(pixel_values=pixel_values, input_ids=placeholder)
+            return siglip_distillation_loss(outputs.image_embeds, teacher_embeddings), outputs
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_outputs = self.teacher(pixel_values=self.teacher_inputs(pixel_values))
+            teacher_logits = getattr(teacher_outputs, "logits", None)
         outputs = model(**inputs)
-        if labels is None and self.teacher is None:
+        logits = getattr(outputs, "logits", None)
+        if logits is None:  # a backbone: only the alignment trains it
+            return None, outputs
+        if labels is None and teacher_logits is None:
             raise ValueError(
                 "The batch has no 'labels' and there is no teacher to distil from: use a collator that returns "
                 "labels (bcos_hf.data.ImageClassificationCollator), or pass teacher=<the original model>."
             )
-        logits = outputs.logits
         loss = self.label_loss(logits, labels) if labels is not None else None
-        if self.teacher is not None:
-            distillation = distillation_kl(
-                logits, self.teacher_logits(inputs["pixel_values"]), self.args.distillation_temperature
-            )
+        if teacher_logits is not None:
+            distillation = distillation_kl(logits, teacher_logits, self.args.distillation_temperature)
             alpha = self.args.distillation_alpha if loss is not None else 1.0
             loss = alpha * distillation + (1 - alpha) * loss if loss is not None else distillation
-        return (loss, outputs) if return_outputs else loss
+        return loss, outputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation of an image-embedding distillation is its loss (CLIP's forward needs texts otherwise)."""
-        if not self.distils_embeddings:
+        """Evaluation of an image-embedding distillation or a backbone's alignment is its loss (CLIP's forward needs
+        texts otherwise; a backbone has no logits)."""
+        if not (self.distils_embeddings or isinstance(self.accelerator.unwrap_model(model), BcosModel)):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_embedding_loss(model, inputs)
+            loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
     # Optimiser and clipping ------------------------------------------------------------------------------

@@ -33,11 +33,16 @@ def train_in_process(*args: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("aligned", [False, True], ids=["labels", "aligned-with-teacher"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, aligned):
+    """Label training, and alignment with the original (one teacher-forced step, then chained)."""
     model_dir = save_tiny_bcos(tmp_path / "model")
+    extra = ["--teacher", str(tmp_path / "model-source")] if aligned else []
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    run_script(str(model_dir), str(tmp_path / "ddp"), "--max_steps", "3", "--batch_size", "4", launcher=torchrun)
-    train_in_process(str(model_dir), str(tmp_path / "single"), "--max_steps", "3", "--batch_size", "8")
+    run_script(
+        str(model_dir), str(tmp_path / "ddp"), "--max_steps", "3", "--batch_size", "4", *extra, launcher=torchrun
+    )
+    train_in_process(str(model_dir), str(tmp_path / "single"), "--max_steps", "3", "--batch_size", "8", *extra)
 
     rank0 = load_file(tmp_path / "ddp" / "final-rank0.safetensors")
     rank1 = load_file(tmp_path / "ddp" / "final-rank1.safetensors")

@@ -128,6 +128,11 @@ def test_unlabelled_images_never_show_a_probe_photo():
     images = photos.load_unlabelled_images(size=32, seed=0, variants=2)
     assert len(images) == 2 * len(strict)
     assert all(image.mode == "RGB" and image.size == (32, 32) for image in images)
-    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))  # two variants of one stamp
+    first, second = np.asarray(images[0]), np.asarray(images[len(strict)])  # two variants of one stamp
+    assert not np.array_equal(first, second)
     again = photos.load_unlabelled_images(size=32, seed=0, variants=1)
-    assert np.array_equal(np.asarray(again[5]), np.asarray(images[10]))
+    assert np.array_equal(np.asarray(again[5]), np.asarray(images[5]))
+    lazy = photos.UnlabelledImages(size=32, seed=0, variants=2)
+    assert len(lazy) == len(images) and np.array_equal(
+        np.asarray(lazy[len(strict) + 3]["image"]), np.asarray(images[len(strict) + 3])
+    )

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="train on the accelerator (default: CPU)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--teacher", type=Path, help="source model folder: align with it (first step teacher-forced)")
     options = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -94,9 +95,16 @@ def main(argv: list[str] | None = None) -> None:
         fp16=options.precision == "fp16",
         seed=0,
         data_seed=0,
+        alignment_weight=1.0 if options.teacher else 0.0,
+        teacher_forced_steps=1,
     )
+    teacher = None
+    if options.teacher:
+        teacher = AutoModelForImageClassification.from_pretrained(options.teacher, dtype=torch.float32)
     callbacks = [StepDelay(options.step_delay)] if options.step_delay else []
-    trainer = BcosTrainer(load(options.model_dir), args, train_dataset=TinyImages(), callbacks=callbacks)
+    trainer = BcosTrainer(
+        load(options.model_dir), args, teacher=teacher, train_dataset=TinyImages(), callbacks=callbacks
+    )
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     rank = int(os.environ.get("RANK", "0"))
     parameter = next(trainer.model_wrapped.parameters())

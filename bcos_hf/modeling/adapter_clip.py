@@ -46,6 +46,7 @@ CLIP_ADAPTER = ArchitectureAdapter(
         "CLIPModel: the class token after post_layernorm, projected by visual_projection, is the image "
         "embedding; CLIPForImageClassification: the mean of the last layer's patch tokens feeds the classifier."
     ),
+    alignment_blocks=("vision_model.embeddings", "vision_model.encoder.layers.*", "vision_model.post_layernorm"),
     **VISION_SETTINGS,
 )
 
@@ -55,5 +56,6 @@ CLIP_VISION_ADAPTER = ArchitectureAdapter(
     first_layer="embeddings.patch_embedding",
     constant_tokens="embeddings",
     pooling_note="The pooled output is the class token after post_layernorm, as in the source CLIPVisionModel.",
+    alignment_blocks=("embeddings", "encoder.layers.*", "post_layernorm"),
     **VISION_SETTINGS,
 )

@@ -39,4 +39,5 @@ CONVNEXT_ADAPTER = ArchitectureAdapter(
         "The classifier reads the layer-normalised global average of the last stage, as in the source ConvNeXt "
         "(the reference's classifier-before-pooling would change the function, the LayerNorm sits in between)."
     ),
+    alignment_blocks=("embeddings", "encoder.stages.*.layers.*", "layernorm"),
 )

@@ -34,4 +34,5 @@ DEIT_ADAPTER = ArchitectureAdapter(
         "The classifier reads the class token after the final LayerNorm; the distilled variant averages the "
         "logits of its class-token and distillation-token heads, as in the source DeiT."
     ),
+    alignment_blocks=("embeddings", "layers.*", "layernorm"),
 )

@@ -41,4 +41,5 @@ DINOV2_ADAPTER = ArchitectureAdapter(
         "The classifier reads the class token and the mean of the patch tokens after the final LayerNorm, "
         "concatenated, as in the source DINOv2."
     ),
+    alignment_blocks=("embeddings", "encoder.layer.*", "layernorm"),
 )

@@ -23,4 +23,5 @@ MOBILENET_V2_ADAPTER = ArchitectureAdapter(
         {"MobileNetV2Model", "MobileNetV2Stem", "MobileNetV2InvertedResidual", "MobileNetV2ConvLayer"}
     ),
     pooling_note="The classifier reads the global average of the last 1x1 convolution, as in the source MobileNetV2.",
+    alignment_blocks=("conv_stem", "layer.*", "conv_1x1"),
 )

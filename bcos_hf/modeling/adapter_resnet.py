@@ -33,4 +33,5 @@ RESNET_ADAPTER = ArchitectureAdapter(
         }
     ),
     pooling_note="The classifier reads the global average of the last stage, as in the source ResNet.",
+    alignment_blocks=("embedder", "encoder.stages.*.layers.*"),
 )

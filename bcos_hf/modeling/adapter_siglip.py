@@ -121,5 +121,6 @@ SIGLIP_ADAPTER = ArchitectureAdapter(
         "SiglipModel: the attention pooling head's output is the image embedding; "
         "SiglipForImageClassification: the mean of the last layer's tokens feeds the classifier."
     ),
+    alignment_blocks=("vision_model.embeddings", "vision_model.encoder.layers.*", "vision_model.post_layernorm"),
     **VISION_SETTINGS,
 )

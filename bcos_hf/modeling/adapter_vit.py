@@ -28,4 +28,5 @@ VIT_ADAPTER = ArchitectureAdapter(
     attention_value=frozenset({"v_proj"}),
     constant_tokens="embeddings",
     pooling_note="The classifier reads the class token after the final LayerNorm, as in the source ViT.",
+    alignment_blocks=("embeddings", "layers.*", "layernorm"),
 )

@@ -80,6 +80,9 @@ class ArchitectureAdapter:
             (position embeddings, class / distillation / register tokens) to the patch tokens; in explanation
             mode ``fold_constant_tokens`` makes them input-linear, value-identical (bcos.md §3.3).
         pooling_note: where pooling happens relative to the classifier and why (documentation).
+        alignment_blocks: modules, inside the base model, whose outputs label-free alignment matches to the
+            original's (``*`` matches one path component): the stem, every residual or transformer block and
+            the final normalisation, in forward order (see ``bcos_hf.alignment``).
     """
 
     model_type: str
@@ -95,6 +98,7 @@ class ArchitectureAdapter:
     frozen: frozenset[str] = frozenset()
     constant_tokens: str | None = None
     pooling_note: str = ""
+    alignment_blocks: tuple[str, ...] = ()
 
     def task_of(self, class_name: str) -> str | None:
         """The task a source class converts as, or None when this adapter does not convert it."""

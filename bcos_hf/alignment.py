@@ -1,0 +1,341 @@
+"""Label-free alignment of a B-cos model with the model it was converted from (B-cosification, step two).
+
+A conversion to B = 2 without biases changes every block a little, and in a deep network the changes
+compound until the features carry nothing of the original (measured in the README). Alignment brings them
+back without labels: the frozen original (the teacher) and the B-cos model (the student) see the same
+images, and the student learns to reproduce the teacher's output after every block (its "alignment
+blocks": stem, each residual / inverted-residual / transformer block, the final normalisation), plus the
+logits (KL) or image embeddings where the model has them (``BcosTrainer`` adds those).
+
+Three modes differ in what each student block sees:
+
+- ``"teacher_forced"``: the teacher's input to the same block. Every block learns to imitate its
+  original in isolation, from the first step, and no error compounds: the fastest start.
+- ``"chained"``: the student's own input, detached. Each block learns to correct the errors of the blocks
+  before it, which is what the model meets at inference; gradients still stay inside each block.
+- ``"end_to_end"``: the student's own input, not detached: plain multi-depth feature distillation.
+
+The recipe (``recipe.py``) runs teacher-forced first, then chained. The loss of one block is the squared
+error relative to the teacher's output energy: per token for token sequences (ViTs carry a few tokens of
+very high norm, which would otherwise dominate), per image for feature maps and pooled vectors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .modeling.adapters import get_adapter
+
+ALIGNMENT_MODES = ("teacher_forced", "chained", "end_to_end")
+
+
+def _source_config(model: nn.Module):
+    config = model.config
+    return getattr(config, "source_config", None) or config
+
+
+def default_alignment_blocks(model: nn.Module) -> tuple[str, ...]:
+    """The family's alignment-block patterns (``*`` matches one path component), from its adapter."""
+    return get_adapter(_source_config(model).model_type).alignment_blocks
+
+
+def resolve_blocks(network: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
+    """Module paths inside ``network`` (a transformers model) that match ``patterns``, in forward order.
+
+    Patterns are relative to ``network.base_model``; the returned paths are relative to ``network``, so the
+    same paths address the teacher (the source model) and the student's ``network`` (its rewritten copy).
+    """
+    base = network.base_model
+    prefix = next((name for name, module in network.named_modules() if module is base), "")
+    regexes = [re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$") for pattern in patterns]
+    paths = [
+        f"{prefix}.{name}" if prefix else name
+        for name, _ in base.named_modules()
+        if name and any(regex.match(name) for regex in regexes)
+    ]
+    if not paths:
+        raise ValueError(
+            f"No module of {type(network).__name__} matches the alignment blocks {list(patterns)}; expected module "
+            "paths relative to the base model, with * for one path component (e.g. 'encoder.layer.*')."
+        )
+    return paths
+
+
+def relative_squared_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Squared error over the teacher's energy: per token for (batch, tokens, dim), per image otherwise."""
+    student, teacher = student.float(), teacher.float()
+    dims = (-1,) if teacher.dim() == 3 else tuple(range(1, teacher.dim()))
+    error = (student - teacher).pow(2).sum(dims)
+    energy = teacher.pow(2).sum(dims).clamp_min(1e-12)
+    return (error / energy).mean()
+
+
+def _first_tensor(value):
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+class FeatureAlignment:
+    """Hooks that record the teacher's and the student's block outputs and give the alignment loss.
+
+    Args:
+        student_network: the B-cos model's ``network`` (the rewritten transformers model).
+        teacher: the original model (same module paths).
+        blocks: module paths (``resolve_blocks``) whose outputs are aligned.
+        mode: one of ``ALIGNMENT_MODES`` (see the module docstring).
+
+    Run the teacher first, then the student, then ``loss()``; ``remove()`` (or ``with``) takes the hooks off.
+    A block's input is replaced only while the student is in training mode: evaluation sees the student as it
+    runs on its own.
+    """
+
+    def __init__(self, student_network: nn.Module, teacher: nn.Module, blocks: list[str], mode: str) -> None:
+        if mode not in ALIGNMENT_MODES:
+            raise ValueError(f"alignment mode must be one of {ALIGNMENT_MODES}; got {mode!r}.")
+        self.blocks = list(blocks)
+        self.mode = mode
+        self.teacher_inputs: dict[str, torch.Tensor] = {}
+        self.teacher_outputs: dict[str, torch.Tensor] = {}
+        self.student_outputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for path in self.blocks:
+            teacher_block = teacher.get_submodule(path)
+            student_block = student_network.get_submodule(path)
+            self._handles += [
+                teacher_block.register_forward_pre_hook(self._record_teacher_input(path)),
+                teacher_block.register_forward_hook(self._record(self.teacher_outputs, path)),
+                student_block.register_forward_pre_hook(self._student_input(path)),
+                student_block.register_forward_hook(self._record(self.student_outputs, path)),
+            ]
+
+    def _record_teacher_input(self, path: str):
+        def hook(module, args):
+            if args and torch.is_tensor(args[0]):
+                self.teacher_inputs[path] = args[0].detach()
+
+        return hook
+
+    @staticmethod
+    def _record(store: dict, path: str):
+        def hook(module, args, output):
+            store[path] = _first_tensor(output)
+
+        return hook
+
+    def _student_input(self, path: str):
+        def hook(module, args):
+            # Only training changes what a block sees: evaluation measures the student as it will run.
+            if self.mode == "end_to_end" or not module.training or not args or not torch.is_tensor(args[0]):
+                return None
+            own = args[0]
+            if self.mode == "teacher_forced":
+                forced = self.teacher_inputs.get(path)
+                if forced is None:
+                    raise RuntimeError("Teacher-forced alignment needs the teacher's forward before the student's.")
+                # The first block sees the image: the student's encoding differs from the teacher's, keep its own.
+                if forced.shape == own.shape:
+                    return (forced.to(own.dtype), *args[1:])
+            return (own.detach(), *args[1:])
+
+        return hook
+
+    def _block_errors(self) -> list[torch.Tensor]:
+        missing = [path for path in self.blocks if path not in self.student_outputs or path not in self.teacher_outputs]
+        if missing:
+            raise RuntimeError(f"No recorded output for alignment blocks {missing}: run the teacher and the student.")
+        errors = [
+            relative_squared_error(self.student_outputs[path], self.teacher_outputs[path].detach())
+            for path in self.blocks
+        ]
+        self.student_outputs.clear()
+        self.teacher_outputs.clear()
+        self.teacher_inputs.clear()
+        return errors
+
+    def loss(self) -> torch.Tensor:
+        """Mean relative squared error over the blocks of the last teacher and student forwards."""
+        return torch.stack(self._block_errors()).mean()
+
+    def block_losses(self) -> list[float]:
+        """Each block's relative squared error for the last forwards (for diagnosis; no gradient)."""
+        return [error.item() for error in self._block_errors()]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> FeatureAlignment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+@contextmanager
+def frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
+    """Keep every BatchNorm in evaluation mode (running statistics) while the rest trains.
+
+    Training-mode BatchNorm divides by the batch variance while the evaluation mode divides by the running
+    one; during alignment the blocks learn the scale themselves, so both modes then compute the same model.
+    """
+    norms = [module for module in model.modules() if "BatchNorm" in type(module).__name__ and module.training]
+    for norm in norms:
+        norm.eval()
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.train()
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every BatchNorm's running statistics on unlabelled images; returns the number of batches.
+
+    A conversion to B = 2 shrinks every layer's output by ``|cos|`` while the BatchNorms still divide by the
+    original's running variances, so deep BatchNorm networks output exact zeros (the README measures it).
+    Running the model in training mode over a few batches with a cumulative average (``momentum=None``)
+    gives the statistics of the converted model itself; the momentum is restored afterwards.
+    """
+    norms = [module for module in model.modules() if hasattr(module, "running_var")]
+    saved = [(norm, norm.momentum) for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats() if hasattr(norm, "reset_running_stats") else norm.running_var.fill_(1.0)
+        norm.num_batches_tracked.zero_()
+        norm.momentum = None
+    was_training = model.training
+    model.train()
+    count = 0
+    try:
+        for pixel_values in batches:
+            model(pixel_values=pixel_values)
+            count += 1
+    finally:
+        model.train(was_training)
+        for norm, momentum in saved:
+            norm.momentum = momentum
+    if norms and count == 0:
+        raise ValueError("calibrate_batchnorm needs at least one batch of images.")
+    return count
+
+
+RECIPE = {
+    "learning_rate": 1e-3,
+    "alignment_weight": 1.0,
+    "alignment_mode": "chained",
+    "teacher_forced_share": 0.5,
+    "adaptive_clipping": False,
+    "max_grad_norm": 1.0,
+}
+"""The label-free alignment recipe, measured in ``examples/keep_knowledge.py`` (README, "Keeping what the
+original knows"): AdamW at 1e-3 with a cosine schedule, the first half of the steps teacher-forced, the
+second half chained; BatchNorm networks are calibrated first (``calibrate_batchnorm``) and keep their running
+statistics while they train (``freeze_batchnorm_statistics``). Global-norm clipping instead of the label
+recipe's adaptive clipping, which stalled the chained phase in the tests (gradient norms of 3e-4, a flat loss)."""
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any("BatchNorm" in type(module).__name__ for module in model.modules())
+
+
+def alignment_arguments(model: nn.Module, output_dir: str, max_steps: int, **overrides):
+    """``BcosTrainingArguments`` with the alignment recipe (``RECIPE``) for ``model``'s family.
+
+    ``overrides`` are any ``BcosTrainingArguments`` fields (batch size, seed, logging, ...), applied last.
+    """
+    from .training import BcosTrainingArguments
+
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1; got {max_steps}.")
+    settings = {
+        "output_dir": output_dir,
+        "max_steps": max_steps,
+        "learning_rate": RECIPE["learning_rate"],
+        "alignment_weight": RECIPE["alignment_weight"],
+        "alignment_mode": RECIPE["alignment_mode"],
+        "teacher_forced_steps": int(max_steps * RECIPE["teacher_forced_share"]),
+        "adaptive_clipping": RECIPE["adaptive_clipping"],
+        "max_grad_norm": RECIPE["max_grad_norm"],
+        "freeze_batchnorm_statistics": has_batchnorm(model),
+        "save_strategy": "no",
+        "logging_steps": max(1, max_steps // 20),
+        "report_to": "none",
+    }
+    settings.update(overrides)
+    return BcosTrainingArguments(**settings)
+
+
+@torch.no_grad()
+def calibrate_scales(model: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Rescale every B-cos unit so that its output has the energy of the original unit's; returns the median
+    factor per layer.
+
+    A B-cos unit outputs ``|cos(x, w)|^(B-1) w^T x``: at B = 2 a few times smaller than ``w^T x``, and
+    by a different factor for every unit. Where the output is added to constants (a ViT's position
+    embeddings and class token) or to a residual stream, those shrunken outputs lose against what was not
+    shrunk. The output grows as ``|w|^B``, so multiplying a unit's weights by ``(rms_original /
+    rms_bcos)^(1/B)`` restores its scale without changing what it computes otherwise. Each layer is measured
+    on the original's input to the same layer (teacher-forced), so errors of earlier layers do not leak in.
+    ``batches`` are pixel values in [0, 1]; the teacher gets them normalised as the model's config says.
+    """
+    from .modeling.bcos_layers import BcosConv2d, BcosLinear
+
+    network = model.network
+    layers = {
+        path: module
+        for path, module in network.named_modules()
+        if isinstance(module, BcosLinear | BcosConv2d) and module.b != 1
+    }
+    energy = {path: [0.0, 0.0] for path in layers}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def channel_energy(tensor: torch.Tensor, conv: bool) -> torch.Tensor:
+        tensor = tensor.float()
+        return tensor.pow(2).sum(dim=(0, 2, 3)) if conv else tensor.pow(2).flatten(0, -2).sum(0)
+
+    for path in layers:
+        source = teacher.get_submodule(path)
+        handles.append(source.register_forward_pre_hook(lambda m, args, path=path: inputs.__setitem__(path, args[0])))
+        handles.append(source.register_forward_hook(lambda m, args, out, path=path: outputs.__setitem__(path, out)))
+    config = model.config
+    mean = torch.tensor(config.input_mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.input_std).view(1, 3, 1, 1)
+    was_training = model.training
+    model.eval()
+    teacher.eval()
+    count = 0
+    try:
+        for pixel_values in batches:
+            inputs.clear()
+            outputs.clear()
+            teacher(pixel_values=(pixel_values[:, :3] - mean.to(pixel_values)) / std.to(pixel_values))
+            encoded = model.encode_pixels(pixel_values)
+            for path, layer in layers.items():
+                conv = isinstance(layer, BcosConv2d)
+                own = inputs[path]
+                if own.shape[1 if conv else -1] != (layer.in_channels if conv else layer.in_features):
+                    own = encoded  # the widened first layer sees the [x, 1 - x] encoding of the same images
+                energy[path][0] = energy[path][0] + channel_energy(outputs[path], conv)
+                energy[path][1] = energy[path][1] + channel_energy(layer(own), conv)
+            count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("calibrate_scales needs at least one batch of images.")
+    factors = {}
+    for path, layer in layers.items():
+        original, bcos = energy[path]
+        ratio = (original / bcos.clamp_min(1e-20)).sqrt().clamp(1e-3, 1e3).pow(1.0 / layer.b)
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        layer.weight.mul_(ratio.to(layer.weight.dtype).view(shape))
+        factors[path] = float(ratio.median())
+    return factors

