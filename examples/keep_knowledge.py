@@ -141,8 +141,10 @@ def linear_probe(feats: torch.Tensor, labels: torch.Tensor, folds: int = 5, seed
 class Yardstick:
     """The held-out photos and the original's answers on them; ``score(model)`` measures a B-cos model."""
 
-    def __init__(self, original, size: int) -> None:
+    def __init__(self, original, size: int, limit: int | None = None) -> None:
         photos = load_photo_dataset(size=size)
+        if limit is not None:  # a class-balanced-enough subset: every k-th photo
+            photos = photos.select(range(0, len(photos), max(1, len(photos) // limit)))
         self.pixels = to_pixels(photos["image"])
         self.labels = torch.tensor(photos["label"])
         self.original_features, self.original_logits = measure(original, self.pixels, bcos=False)
@@ -301,11 +303,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="image side; default 128 (MobileNetV2), 112 (DINOv2)"
+    )
+    parser.add_argument(
+        "--probe-photos", type=int, default=None, help="use about this many probe photos (default: all)"
+    )
     parser.add_argument("--output", type=Path, default=Path("results/keep-knowledge"))
     parser.add_argument("--quick", action="store_true", help="a few steps at small batches: a smoke run for tests")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.batch_size, args.eval_every, args.calibration_batches = 4, 8, 2, 2
+        args.steps, args.batch_size, args.eval_every, args.calibration_batches = 4, 4, 2, 1
+        args.resolution, args.probe_photos = args.resolution or 56, args.probe_photos or 72
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     hf_logging.set_verbosity_error()
     args.output.mkdir(parents=True, exist_ok=True)
@@ -314,8 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     for name in names:
         original = load_original(name)
-        size = RESOLUTION[name]
-        yardstick = Yardstick(original, size)
+        size = args.resolution or RESOLUTION[name]
+        yardstick = Yardstick(original, size, args.probe_photos)
         images = UnlabelledImages(
             size=size,
             seed=args.seed,

