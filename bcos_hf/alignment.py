@@ -1,7 +1,7 @@
 """Label-free alignment of a B-cos model with the model it was converted from (B-cosification, step two).
 
-A conversion to B = 2 without biases changes every block a little, and in a deep network the changes
-compound until the features carry nothing of the original (measured in the README). Alignment brings them
+A conversion to B = 2 without biases changes every block, and in a deep network the changes compound until
+the features carry little of the original (measured in the README, "Keeping what the original knows"). Alignment brings them
 back without labels: the frozen original (the teacher) and the B-cos model (the student) see the same
 images, and the student learns to reproduce the teacher's output after every block (its "alignment
 blocks": stem, each residual / inverted-residual / transformer block, the final normalisation), plus the
@@ -15,9 +15,11 @@ Three modes differ in what each student block sees:
   before it, which is what the model meets at inference; gradients still stay inside each block.
 - ``"end_to_end"``: the student's own input, not detached: plain multi-depth feature distillation.
 
-The recipe (``recipe.py``) runs teacher-forced first, then chained. The loss of one block is the squared
-error relative to the teacher's output energy: per token for token sequences (ViTs carry a few tokens of
-very high norm, which would otherwise dominate), per image for feature maps and pooled vectors.
+The recipes (``RECIPES``, ``alignment_arguments``) pick the mode per family. The loss of one block is the
+squared error relative to the teacher's output energy: per token for token sequences (ViTs carry a few tokens
+of very high norm, which would otherwise dominate), per image for feature maps and pooled vectors. The idea
+of aligning a B-cos student with its original at several depths without labels follows ALOE (CVPR 2026);
+the block-local (teacher-forced, chained) modes are this project's.
 """
 
 from __future__ import annotations
@@ -282,74 +284,3 @@ def alignment_arguments(model: nn.Module, output_dir: str, max_steps: int, **ove
     }
     settings.update(overrides)
     return BcosTrainingArguments(**settings)
-
-
-@torch.no_grad()
-def calibrate_scales(model: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Rescale every B-cos unit so that its output has the energy of the original unit's; returns the median
-    factor per layer.
-
-    A B-cos unit outputs ``|cos(x, w)|^(B-1) w^T x``: at B = 2 a few times smaller than ``w^T x``, and
-    by a different factor for every unit. Where the output is added to constants (a ViT's position
-    embeddings and class token) or to a residual stream, those shrunken outputs lose against what was not
-    shrunk. The output grows as ``|w|^B``, so multiplying a unit's weights by ``(rms_original /
-    rms_bcos)^(1/B)`` restores its scale without changing what it computes otherwise. Each layer is measured
-    on the original's input to the same layer (teacher-forced), so errors of earlier layers do not leak in.
-    ``batches`` are pixel values in [0, 1]; the teacher gets them normalised as the model's config says.
-    """
-    from .modeling.bcos_layers import BcosConv2d, BcosLinear
-
-    network = model.network
-    layers = {
-        path: module
-        for path, module in network.named_modules()
-        if isinstance(module, BcosLinear | BcosConv2d) and module.b != 1
-    }
-    energy = {path: [0.0, 0.0] for path in layers}
-    inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def channel_energy(tensor: torch.Tensor, conv: bool) -> torch.Tensor:
-        tensor = tensor.float()
-        return tensor.pow(2).sum(dim=(0, 2, 3)) if conv else tensor.pow(2).flatten(0, -2).sum(0)
-
-    for path in layers:
-        source = teacher.get_submodule(path)
-        handles.append(source.register_forward_pre_hook(lambda m, args, path=path: inputs.__setitem__(path, args[0])))
-        handles.append(source.register_forward_hook(lambda m, args, out, path=path: outputs.__setitem__(path, out)))
-    config = model.config
-    mean = torch.tensor(config.input_mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.input_std).view(1, 3, 1, 1)
-    was_training = model.training
-    model.eval()
-    teacher.eval()
-    count = 0
-    try:
-        for pixel_values in batches:
-            inputs.clear()
-            outputs.clear()
-            teacher(pixel_values=(pixel_values[:, :3] - mean.to(pixel_values)) / std.to(pixel_values))
-            encoded = model.encode_pixels(pixel_values)
-            for path, layer in layers.items():
-                conv = isinstance(layer, BcosConv2d)
-                own = inputs[path]
-                if own.shape[1 if conv else -1] != (layer.in_channels if conv else layer.in_features):
-                    own = encoded  # the widened first layer sees the [x, 1 - x] encoding of the same images
-                energy[path][0] = energy[path][0] + channel_energy(outputs[path], conv)
-                energy[path][1] = energy[path][1] + channel_energy(layer(own), conv)
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("calibrate_scales needs at least one batch of images.")
-    factors = {}
-    for path, layer in layers.items():
-        original, bcos = energy[path]
-        ratio = (original / bcos.clamp_min(1e-20)).sqrt().clamp(1e-3, 1e3).pow(1.0 / layer.b)
-        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        layer.weight.mul_(ratio.to(layer.weight.dtype).view(shape))
-        factors[path] = float(ratio.median())
-    return factors

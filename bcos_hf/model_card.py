@@ -67,7 +67,9 @@ def render_model_card(
     )
     status = (
         "\n> This is the converted model **before fine-tuning**: with B = $b and no biases its predictions differ "
-        "from the source model's. Fine-tune it (bcos_hf's `BcosTrainer`) to recover accuracy.\n"
+        "from the source model's. Align it with the source without labels (`bcos-hf align MODEL IMAGES OUT`, or "
+        "`BcosTrainer` with `bcos_hf.alignment.alignment_arguments`) or fine-tune it (`BcosTrainer`) to recover "
+        "accuracy.\n"
         if report is not None and not fine_tuned and (config.b != 1 or not config.keep_bias)
         else ""
     )

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from bcos_hf.alignment import alignment_arguments, calibrate_batchnorm
+from bcos_hf.alignment import ALIGNMENT_MODES, alignment_arguments, calibrate_batchnorm
 from bcos_hf.convert import convert
 from bcos_hf.photos import UnlabelledImages, load_photo_dataset
 from bcos_hf.pretrained import IMAGENET_MEAN, IMAGENET_STD, imagenet_mobilenet_v2, load_dinov2_small
@@ -109,33 +109,68 @@ def measure(model, pixels: torch.Tensor, bcos: bool, batch_size: int = 64) -> tu
     return torch.cat(feats), (torch.cat(logits) if logits else None)
 
 
-def linear_probe(feats: torch.Tensor, labels: torch.Tensor, folds: int = 5, seed: int = 0, l2: float = 1e-3) -> float:
-    """Mean held-out accuracy of a multinomial logistic regression (standardised features, L-BFGS), k-fold."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=generator)
-    classes = int(labels.max()) + 1
+def probe_accuracy(
+    train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor, l2: float = 1e-3
+) -> float:
+    """Test accuracy of a multinomial logistic regression on standardised features (L-BFGS, L2 penalty)."""
+    train, test = train.double(), test.double()
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    train, test = (train - mean) / std, (test - mean) / std
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    weight = torch.zeros(train.shape[1], classes, dtype=torch.double, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.double, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = F.cross_entropy(train @ weight + bias, train_labels) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    with torch.no_grad():
+        return float(((test @ weight + bias).argmax(1) == test_labels).float().mean())
+
+
+def linear_probe(feats: torch.Tensor, labels: torch.Tensor, folds: int = 5, seed: int = 0) -> float:
+    """Mean held-out accuracy of ``probe_accuracy`` over ``folds`` folds."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     accuracies = []
     for fold in range(folds):
         held_out = order[fold::folds]
         train_mask = torch.ones(len(labels), dtype=torch.bool)
         train_mask[held_out] = False
-        train, test = feats[train_mask].double(), feats[held_out].double()
-        mean, std = train.mean(0), train.std(0) + 1e-6
-        train, test = (train - mean) / std, (test - mean) / std
-        weight = torch.zeros(train.shape[1], classes, dtype=torch.double, requires_grad=True)
-        bias = torch.zeros(classes, dtype=torch.double, requires_grad=True)
-        optimiser = torch.optim.LBFGS([weight, bias], max_iter=100, line_search_fn="strong_wolfe")
-
-        def closure(optimiser=optimiser, train=train, weight=weight, bias=bias, targets=labels[train_mask]):
-            optimiser.zero_grad()
-            loss = F.cross_entropy(train @ weight + bias, targets) + l2 * weight.pow(2).sum()
-            loss.backward()
-            return loss
-
-        optimiser.step(closure)
-        with torch.no_grad():
-            accuracies.append(float(((test @ weight + bias).argmax(1) == labels[held_out]).float().mean()))
+        accuracies.append(probe_accuracy(feats[train_mask], labels[train_mask], feats[held_out], labels[held_out]))
     return float(np.mean(accuracies))
+
+
+def fashion_mnist_probe(original, seed: int, train_size: int = 3000, test_size: int = 1000, size: int = 64) -> dict:
+    """Frozen-feature probe on Fashion-MNIST (train 3,000 / test 1,000 at 64 px): does information survive the
+    conversion at all? Original, converted as is, converted and BatchNorm-calibrated, random-init B-cos."""
+    from bcos_hf.data import load_fashion_mnist
+
+    def pixels(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = load_fashion_mnist(split, limit=count)
+        images = [image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR) for image in data["image"]]
+        return to_pixels(images), torch.tensor(data["label"])
+
+    (train, train_labels), (test, test_labels) = pixels("train", train_size), pixels("test", test_size)
+    calibration = [train[start : start + 64] for start in range(0, 512, 64)]
+
+    def score(model, bcos: bool) -> dict:
+        train_feats, test_feats = measure(model, train, bcos)[0], measure(model, test, bcos)[0]
+        return {
+            "probe": probe_accuracy(train_feats, train_labels, test_feats, test_labels),
+            "dead_features": float((test_feats.abs().sum(0) == 0).float().mean()),
+        }
+
+    result = {"original": score(original, bcos=False)}
+    for arm in ARMS:
+        model = bcos_arm(original, arm, seed)
+        result[f"{arm}, as converted"] = score(model, bcos=True)
+        calibrate_batchnorm(model, calibration)
+        result[f"{arm}, BatchNorm calibrated"] = score(model, bcos=True)
+    return result
 
 
 class Yardstick:
@@ -210,6 +245,18 @@ def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
     )
     calibrated_score = yardstick.score(model) if calibrated else None
     history: list[dict] = [{"step": 0, **(calibrated_score or before)}]
+    overrides = {
+        key: value
+        for key, value in (
+            ("learning_rate", args.learning_rate),
+            ("alignment_mode", args.alignment_mode),
+            (
+                "teacher_forced_steps",
+                None if args.teacher_forced_share is None else int(args.teacher_forced_share * args.steps),
+            ),
+        )
+        if value is not None
+    }
     training_args = alignment_arguments(
         model,
         output_dir=str(work / f"{name}-{arm}"),
@@ -217,6 +264,7 @@ def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
         per_device_train_batch_size=args.batch_size,
         seed=args.seed,
         disable_tqdm=False,
+        **overrides,
     )
     trainer = BcosTrainer(
         model,
@@ -229,6 +277,7 @@ def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
+    trainer.save_model(str(work / f"{name}-{arm}"))  # the aligned model, for further analysis
     return {
         "before_training": before,
         "after_calibration": calibrated_score,
@@ -310,6 +359,14 @@ def main(argv: list[str] | None = None) -> dict:
         "--probe-photos", type=int, default=None, help="use about this many probe photos (default: all)"
     )
     parser.add_argument("--output", type=Path, default=Path("results/keep-knowledge"))
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: the family's recipe")
+    parser.add_argument("--alignment-mode", choices=ALIGNMENT_MODES, default=None, help="default: the family's recipe")
+    parser.add_argument("--teacher-forced-share", type=float, default=None, help="share of steps teacher-forced")
+    parser.add_argument(
+        "--fashion-mnist-probe",
+        action="store_true",
+        help="MobileNetV2 only: the Fashion-MNIST frozen-feature probe (dead features or not), then exit",
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps at small batches: a smoke run for tests")
     args = parser.parse_args(argv)
     if args.quick:
@@ -318,6 +375,12 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     hf_logging.set_verbosity_error()
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.fashion_mnist_probe:
+        result = fashion_mnist_probe(load_original("mobilenet_v2"), args.seed)
+        (args.output / "fashion_mnist_probe.json").write_text(json.dumps(result, indent=2) + "\n")
+        print("| MobileNetV2 start | probe accuracy | dead features |\n|---|---:|---:|")
+        print("\n".join(f"| {name} | {v['probe']:.3f} | {v['dead_features']:.2f} |" for name, v in result.items()))
+        return result
     names = MODELS if args.model == "both" else (args.model,)
     results = {}
     started = time.perf_counter()
