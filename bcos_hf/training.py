@@ -183,6 +183,12 @@ class BcosTrainingArguments(TrainingArguments):
                 "alignment_weight and teacher_forced_steps must be >= 0; got "
                 f"{self.alignment_weight}, {self.teacher_forced_steps}."
             )
+        block_local = self.alignment_mode != "end_to_end" or self.teacher_forced_steps > 0
+        if self.alignment_weight > 0 and block_local and self.ddp_find_unused_parameters is None:
+            # Block-local alignment cuts the graph between blocks, so DDP's search for unused parameters, which
+            # walks back from the model's outputs, would take every block but the last for unused and then see
+            # its gradient arrive from the block's own loss. Every block has a loss: none is unused.
+            self.ddp_find_unused_parameters = False
         if self.adaptive_clipping and self.max_grad_norm <= 0:
             raise ValueError(
                 "max_grad_norm <= 0 turns clipping off, but adaptive_clipping is on. To train without any "

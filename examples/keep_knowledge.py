@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +46,15 @@ from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from bcos_hf.alignment import ALIGNMENT_MODES, alignment_arguments, calibrate_batchnorm
+from bcos_hf.alignment import (
+    ALIGNMENT_MODES,
+    FeatureAlignment,
+    alignment_arguments,
+    calibrate_batchnorm,
+    default_alignment_blocks,
+    frozen_batchnorm_statistics,
+    resolve_blocks,
+)
 from bcos_hf.convert import convert
 from bcos_hf.photos import UnlabelledImages, load_photo_dataset
 from bcos_hf.pretrained import IMAGENET_MEAN, IMAGENET_STD, imagenet_mobilenet_v2, load_dinov2_small
@@ -170,6 +179,34 @@ def fashion_mnist_probe(original, seed: int, train_size: int = 3000, test_size: 
         result[f"{arm}, as converted"] = score(model, bcos=True)
         calibrate_batchnorm(model, calibration)
         result[f"{arm}, BatchNorm calibrated"] = score(model, bcos=True)
+    return result
+
+
+def block_errors(original, images: torch.Tensor) -> dict[str, list[float]]:
+    """How much the conversion changes each block on its own (MobileNetV2 blocks, 4-D outputs): every block of
+    the converted model is fed the original's input to that block (teacher-forced) and its output compared with
+    the original's, after the best per-channel scale (which BatchNorm calibration or training could supply).
+    Relative squared error per block, for B = 2 or 1, with or without biases."""
+    result = {}
+    for b, keep_bias in ((2.0, False), (1.0, False), (2.0, True), (1.0, True)):
+        model = convert(original, b=b, keep_bias=keep_bias, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).model
+        paths = resolve_blocks(original, default_alignment_blocks(model))
+        model.train()
+        with (
+            torch.no_grad(),
+            frozen_batchnorm_statistics(model),
+            FeatureAlignment(model.network, original, paths, "teacher_forced") as alignment,
+        ):
+            original(pixel_values=normalise(images))
+            model(pixel_values=images)
+            errors = []
+            for path in paths:
+                student, teacher = alignment.student_outputs[path], alignment.teacher_outputs[path]
+                scale = (student * teacher).sum((0, 2, 3)) / student.pow(2).sum((0, 2, 3)).clamp_min(1e-12)
+                fitted = student * scale.view(1, -1, 1, 1)
+                errors.append(round(float((fitted - teacher).pow(2).sum() / teacher.pow(2).sum()), 3))
+            alignment.student_outputs.clear()
+        result[f"B = {b:g}, biases {'kept' if keep_bias else 'removed'}"] = errors
     return result
 
 
@@ -326,12 +363,15 @@ def plot(results: dict, path: Path, width: int = 760, height: int = 420) -> None
 
 def markdown_table(results: dict) -> str:
     lines = [
-        "| model | arm | probe before | probe after | top-1 agreement | feature cosine | train time |",
+        "| model | arm | probe at step 0 | probe at the end | top-1 agreement | feature cosine | train time |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, result in results.items():
         ref = result["reference"]
-        lines.append(f"| {name} | original | {ref['original_probe']:.3f} | | 1.000 | 1.000 | |")
+        classifier = any("top1_agreement" in arm["history"][-1] for arm in result["arms"].values())
+        lines.append(
+            f"| {name} | original | {ref['original_probe']:.3f} | | {'1.000' if classifier else ''} | 1.000 | |"
+        )
         lines.append(f"| {name} | raw pixels | {ref['pixels_probe']:.3f} | | | | |")
         for arm, data in result["arms"].items():
             first, last = data["history"][0], data["history"][-1]
@@ -363,6 +403,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--alignment-mode", choices=ALIGNMENT_MODES, default=None, help="default: the family's recipe")
     parser.add_argument("--teacher-forced-share", type=float, default=None, help="share of steps teacher-forced")
     parser.add_argument(
+        "--block-errors",
+        action="store_true",
+        help="MobileNetV2 only: each block's teacher-forced error after conversion, then exit",
+    )
+    parser.add_argument(
         "--fashion-mnist-probe",
         action="store_true",
         help="MobileNetV2 only: the Fashion-MNIST frozen-feature probe (dead features or not), then exit",
@@ -375,6 +420,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     hf_logging.set_verbosity_error()
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.block_errors:
+        images = UnlabelledImages(size=128, seed=args.seed, background="photo")
+        pixels = to_pixels([images.image(index) for index in range(0, 48 * 7, 7)])
+        result = block_errors(load_original("mobilenet_v2"), pixels)
+        (args.output / "block_errors.json").write_text(json.dumps(result, indent=2) + "\n")
+        print("\n".join(f"{name}: {' '.join(f'{e:.2f}' for e in errors)}" for name, errors in result.items()))
+        return result
     if args.fashion_mnist_probe:
         result = fashion_mnist_probe(load_original("mobilenet_v2"), args.seed)
         (args.output / "fashion_mnist_probe.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -399,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         for arm in args.arms:
             results[name]["arms"][arm] = run_arm(name, original, arm, yardstick, images, args, args.output / "work")
     summary = {
-        "command": "python examples/keep_knowledge.py " + " ".join(argv or []),
+        "command": "python examples/keep_knowledge.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "results": results,

@@ -208,6 +208,10 @@ def test_bcos_trainer_aligns_without_labels(name, tmp_path):
     assert changed
     if name == "clip":  # only the image tower trains
         assert not [k for k in changed if "text_model" in k or "logit_scale" in k]
+    if name == "dinov2":  # the model card records the alignment
+        trainer.create_model_card()
+        card = (tmp_path / "README.md").read_text()
+        assert "| alignment with the original | weight 1, end_to_end |" in card
 
 
 def test_alignment_needs_a_teacher(tmp_path):
