@@ -245,8 +245,9 @@ what the original knows"), with AdamW, a cosine schedule, alignment weight 1 and
 
 - BatchNorm networks (MobileNetV2, ResNet): calibrate first (``calibrate_batchnorm``), keep the running
   statistics while training (training and evaluation then compute the same model), the first half of the
-  steps teacher-forced, the second half chained, learning rate 1e-3 (200 steps: probe 0.27, end-to-end
-  untested, random init 0.18).
+  steps teacher-forced, the second half chained, learning rate 1e-3. On MobileNetV2 this keeps nothing of
+  the original yet (400 steps: probe 0.253, random init 0.292; at 1e-4 0.148 vs 0.194): the best found, not a
+  good one.
 - Everything else (ViTs, DINOv2, CLIP, ConvNeXt): end-to-end at 1e-4. On DINOv2-S, 300 steps: probe 0.310
   against 0.222 for a random-init B-cos model aligned the same way; at 3e-4 the pretrained start's edge was
   trained away (0.267 vs 0.261); teacher-forced then chained at 1e-3 did worse still (0.24 after 200 steps).
