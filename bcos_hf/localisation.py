@@ -1,4 +1,5 @@
-"""The grid pointing game (GridPG, bcos.md §4.2): how well explanations point at the right part of an image.
+"""The grid pointing game (GridPG; Böhle et al., CoDA-Nets, CVPR 2021): how well explanations point at the right
+part of an image.
 
 Confidently and correctly classified images of n x n distinct classes are tiled into a grid; each cell's class
 is explained over the whole grid, and the score is the share of positive attribution that falls inside that
@@ -369,7 +370,7 @@ def grid_pointing_game(
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, LocalisationResult]:
-    """Run GridPG with the reference protocol (bcos.md §4.2) and return one result per method.
+    """Run GridPG with the reference protocol (Böhle et al., CoDA-Nets, CVPR 2021) and return one result per method.
 
     Args:
         model: a B-cos image classifier (baselines run on the same model).

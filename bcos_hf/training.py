@@ -1,8 +1,8 @@
 """Fine-tune and distil B-cos models with the transformers ``Trainer`` (B-cosification, step two).
 
-``BcosTrainer`` is a ``Trainer`` whose defaults follow the released B-cosification recipe
-(``shared/reference/bcos.md`` §3.4): binary cross-entropy with targets 1 for the true class and 1/C elsewhere
-on logits that already carry the model's logit bias, adaptive gradient clipping instead of global-norm
+``BcosTrainer`` is a ``Trainer`` whose defaults follow the released B-cosification recipe (Arya et al.,
+"B-cosification", NeurIPS 2024, and its released training configurations): binary cross-entropy with targets 1
+for the true class and 1/C elsewhere on logits that already carry the model's logit bias, adaptive gradient clipping instead of global-norm
 clipping, AdamW with a cosine schedule. It adds the paper's ablation schedules (B ramped up from 1, decay of
 the biases) and distillation from the original model (KL on logits for classifiers, SigLIP on the image
 embeddings for CLIP). Everything else is the Trainer: mixed precision, DDP/FSDP under ``torchrun`` or
@@ -52,7 +52,7 @@ LOSSES = ("bce", "cross_entropy")
 
 SIGLIP_SCALE = 10.0
 SIGLIP_BIAS = -10.0
-"""The fixed scale and bias of the SigLIP distillation loss of B-cosified CLIP (bcos.md §3.4)."""
+"""The fixed scale and bias of the SigLIP distillation loss of B-cosified CLIP (Arya et al., NeurIPS 2024)."""
 
 
 @dataclass

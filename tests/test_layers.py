@@ -1,4 +1,4 @@
-"""B-cos building blocks against the formulas of the reference (bcos.md §1), in fp32 and bf16."""
+"""B-cos building blocks against the formulas of the reference (Böhle et al., CVPR 2022), in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_linear_matches_definition(b):
 
 @pytest.mark.parametrize("b", [2.0, 2.5])
 def test_raw_weights_scale_by_weight_norm_power_b(b):
-    """With raw weights the output is ||w||^B times the unit-norm output (bcos.md §1)."""
+    """With raw weights the output is ||w||^B times the unit-norm output (Arya et al., NeurIPS 2024)."""
     raw = BcosLinear(6, 4, b=b)
     unit = BcosLinear(6, 4, b=b, normalize_weights=True)
     unit.weight = raw.weight

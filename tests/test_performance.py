@@ -25,7 +25,7 @@ CONV_SHAPES = [
 
 
 def plain_scale(out: torch.Tensor, norm_sq: torch.Tensor, b: float, detach: bool) -> torch.Tensor:
-    """The B-cos factor written as plain autograd ops: ``out * |out / n|^(B-1)`` (bcos.md §1)."""
+    """The B-cos factor written as plain autograd ops: ``out * |out / n|^(B-1)`` (Böhle et al., CVPR 2022)."""
     cos = out.abs() / (norm_sq + NORM_EPS).sqrt()
     scale = cos if b == 2 else (cos + SCALE_EPS).pow(b - 1)
     return out * (scale.detach() if detach else scale)
@@ -106,7 +106,7 @@ def test_scale_function_gradcheck(b, window):
 
 
 def plain_explained_layer_norm(norm: BcosLayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm with the standard deviation detached, as plain autograd ops (bcos.md §1)."""
+    """LayerNorm with the standard deviation detached, as plain autograd ops (Böhle et al., CVPR 2022)."""
     x = x.permute(0, 2, 3, 1) if norm.channels_first else x
     centred = x - x.mean(dim=-1, keepdim=True)
     out = centred / (centred.square().mean(dim=-1, keepdim=True) + norm.eps).sqrt().detach() * norm.weight

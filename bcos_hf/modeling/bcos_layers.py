@@ -3,7 +3,7 @@
 A B-cos network computes ``y = W(x) x``: each layer is linear in its input with weights that depend on the
 input through a few *dynamic* factors (the B-cos scale, normalisation divisors, activation gates, attention
 scores). In *explanation mode* those factors are detached from the autograd graph, so that the gradient of a
-logit with respect to the input is exactly ``W(x)`` (see ``shared/reference/bcos.md`` §1).
+logit with respect to the input is exactly ``W(x)`` (Böhle et al., "B-cos Networks", CVPR 2022).
 
 All layers subclass the torch modules they replace, keep their parameter names, and are built without
 allocating memory (``from_module`` takes over the original parameters), so conversion is cheap and state

@@ -3,12 +3,12 @@
 A B-cos model computes ``logit = W(x) · z + logit_bias`` with ``z = [x, 1 - x]`` the encoded image. In
 explanation mode autograd returns ``W(x)`` exactly, so one forward and one backward give, for a whole batch,
 the dynamic weights, the per-pixel contributions ``(z · W).sum(channels)`` (which add up to the logit) and the
-coloured explanations of the B-cos papers (bcos.md §4.1). Images in a batch are independent (the model runs
+coloured explanations of the B-cos papers (Böhle et al., CVPR 2022). Images in a batch are independent (the model runs
 in eval mode), so the gradient of the *sum* of the selected logits is every image's own ``W(x)``.
 
 Constant terms (position embeddings, class and register tokens) are not a linear function of the image and
 would make the contributions fall short of the logit. ``fold_constant_tokens`` is a forward hook that, in
-explanation mode only, rewrites them in input-linear form without changing any value (bcos.md §3.3).
+explanation mode only, rewrites them in input-linear form without changing any value (README, "Explanations").
 
 Part of the remote-loadable model code: imports only torch, numpy, PIL (lazily) and siblings, with single dots.
 """
@@ -32,7 +32,7 @@ Target = int | str | Sequence[int | str] | torch.Tensor | Callable[[Any], torch.
 or (backbones) a callable mapping the model outputs to one score per image."""
 
 SMOOTHING_KERNEL = 15
-"""Side of the average-pooling window that smooths the explanation's opacity (bcos.md §4.1)."""
+"""Side of the average-pooling window that smooths the explanation's opacity (Böhle et al., CVPR 2022)."""
 
 OPACITY_PERCENTILE = 99.5
 """Opacity and heat maps are scaled so that this percentile of each image maps to full strength."""
@@ -269,7 +269,7 @@ class BcosExplanation:
         return self.logits.gather(1, self.target[:, None]).squeeze(1).float()
 
     def rgba(self, smoothing: int = SMOOTHING_KERNEL, percentile: float = OPACITY_PERCENTILE) -> np.ndarray:
-        """(N, H, W, 4) float RGBA explanations in [0, 1], as in the B-cos papers (bcos.md §4.1).
+        """(N, H, W, 4) float RGBA explanations in [0, 1], as in the B-cos papers (Böhle et al., CVPR 2022).
 
         Colour: the direction of ``W(x)`` per pixel, read as the RGB colour it aligns with (the positive parts
         of the x and 1 - x weights, normalised per channel pair). Opacity: the norm of ``W(x)``, zero where the

@@ -78,7 +78,7 @@ class ArchitectureAdapter:
             tower of an image-text model): the rewriting does not enter them.
         constant_tokens: path, inside the base model, of the embeddings module that adds constant tokens
             (position embeddings, class / distillation / register tokens) to the patch tokens; in explanation
-            mode ``fold_constant_tokens`` makes them input-linear, value-identical (bcos.md §3.3).
+            mode ``fold_constant_tokens`` makes them input-linear, value-identical (README, "Explanations").
         pooling_note: where pooling happens relative to the classifier and why (documentation).
         alignment_blocks: modules, inside the base model, whose outputs label-free alignment matches to the
             original's (``*`` matches one path component): the stem, every residual or transformer block and
@@ -230,7 +230,7 @@ def fold_input_normalisation(
 
     The source computes ``W (x - mean) / std + bias``. Since ``x + (1 - x) = 1`` per channel, this equals
     ``W (1 - mean) / std * x - W mean / std * (1 - x) + bias``: a linear map of the 6-channel input with no
-    extra constant (bcos.md §3.1). Zero padding stays exact too: the source pads the normalised image with
+    extra constant (README, "What a conversion does"). Zero padding stays exact too: the source pads the normalised image with
     zeros and the 6-channel image is padded with zeros, both contributing nothing.
     """
     base = model.base_model
