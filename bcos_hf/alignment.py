@@ -178,6 +178,11 @@ class FeatureAlignment:
         self.remove()
 
 
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm of ``model`` (torch's and bcos_hf's uncentred one): the modules with running statistics."""
+    return [module for module in model.modules() if getattr(module, "running_var", None) is not None]
+
+
 @contextmanager
 def frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
     """Keep every BatchNorm in evaluation mode (running statistics) while the rest trains.
@@ -185,7 +190,7 @@ def frozen_batchnorm_statistics(model: nn.Module) -> Iterator[None]:
     Training-mode BatchNorm divides by the batch variance while the evaluation mode divides by the running
     one; during alignment the blocks learn the scale themselves, so both modes then compute the same model.
     """
-    norms = [module for module in model.modules() if "BatchNorm" in type(module).__name__ and module.training]
+    norms = [norm for norm in batchnorms(model) if norm.training]
     for norm in norms:
         norm.eval()
     try:
@@ -204,10 +209,12 @@ def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> in
     Running the model in training mode over a few batches with a cumulative average (``momentum=None``)
     gives the statistics of the converted model itself; the momentum is restored afterwards.
     """
-    norms = [module for module in model.modules() if hasattr(module, "running_var")]
+    norms = batchnorms(model)
     saved = [(norm, norm.momentum) for norm in norms]
     for norm in norms:
-        norm.reset_running_stats() if hasattr(norm, "reset_running_stats") else norm.running_var.fill_(1.0)
+        norm.running_var.fill_(1.0)  # uncentred BatchNorm has no running mean; a centred one's is reset too
+        if getattr(norm, "running_mean", None) is not None:
+            norm.running_mean.zero_()
         norm.num_batches_tracked.zero_()
         norm.momentum = None
     was_training = model.training
@@ -257,7 +264,7 @@ The label recipe's adaptive clipping is off: it stalled the chained phase in the
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    return any("BatchNorm" in type(module).__name__ for module in model.modules())
+    return bool(batchnorms(model))
 
 
 def alignment_arguments(model: nn.Module, output_dir: str, max_steps: int, **overrides):

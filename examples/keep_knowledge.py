@@ -53,6 +53,7 @@ from bcos_hf.alignment import (
     calibrate_batchnorm,
     default_alignment_blocks,
     frozen_batchnorm_statistics,
+    has_batchnorm,
     resolve_blocks,
 )
 from bcos_hf.convert import convert
@@ -277,7 +278,7 @@ def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
                 for start in range(0, args.calibration_batches * args.batch_size, args.batch_size)
             ),
         )
-        if any(hasattr(m, "running_var") for m in model.modules())
+        if has_batchnorm(model)
         else 0
     )
     calibrated_score = yardstick.score(model) if calibrated else None
