@@ -257,10 +257,9 @@ what the original knows"), with AdamW, a cosine schedule, alignment weight 1 and
   good one.
 - Everything else (ViTs, DINOv2, CLIP, ConvNeXt): end-to-end at 1e-4. On DINOv2-S, 300 steps: probe 0.310
   against 0.222 for a random-init B-cos model aligned the same way; at 3e-4 the pretrained start's edge was
-  trained away (0.267 vs 0.261); teacher-forced then chained at 1e-3 did worse still (0.24 after 200 steps).
+  trained away (0.267 vs 0.261); teacher-forced then chained did worse still in exploratory runs.
 
-The label recipe's adaptive clipping is off: it stalled the chained phase in the tests (gradient norms of
-3e-4, a flat loss)."""
+The label recipe's adaptive clipping is off: it stalled the chained phase (a flat loss)."""
 
 
 def has_batchnorm(model: nn.Module) -> bool:
