@@ -19,24 +19,18 @@ from transformers import (
 
 from .hub import push_model_to_hub
 from .modeling.adapters import ADAPTERS, get_adapter
-from .modeling.bcos_layers import (
-    BcosConv2d,
-    BcosGroupNorm,
-    BcosLayerNorm,
-    BcosLinear,
-    DetachableActivation,
-    DetachableLinear,
-    LogitLayer,
-    UncentredBatchNorm2d,
-    explanation_mode,
-)
+from .modeling.bcos_activations import DetachableActivation
+from .modeling.bcos_layers import BcosConv2d, BcosLinear, DetachableLinear, LogitLayer
+from .modeling.bcos_norms import BcosGroupNorm, BcosLayerNorm, UncentredBatchNorm2d
 from .modeling.configuration_bcos import BcosConfig
 from .modeling.configuration_bcos_clip import BcosCLIPConfig, BcosSiglipConfig
+from .modeling.explainable import explanation_mode
 from .modeling.explanation_bcos import BcosExplanation
 from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
 from .modeling.modeling_bcos_clip import BcosCLIPModel, BcosSiglipModel
 from .modeling.rewriting import ArchitectureAdapter, UnsupportedModelError
 from .pipelines import ImageExplanationPipeline, register_pipeline
+from .training import BcosTrainer, BcosTrainingArguments
 
 try:
     __version__ = version("bcos-hf")
@@ -76,6 +70,8 @@ __all__ = [
     "BcosPreTrainedModel",
     "BcosSiglipConfig",
     "BcosSiglipModel",
+    "BcosTrainer",
+    "BcosTrainingArguments",
     "DetachableActivation",
     "DetachableLinear",
     "ImageExplanationPipeline",

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modeling.bcos_layers import explanation_mode
+from .modeling.explainable import explanation_mode
 from .modeling.explanation_bcos import explain_scores
 
 Attribution = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

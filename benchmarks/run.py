@@ -42,7 +42,7 @@ from torch import nn
 
 import bcos_hf
 from bcos_hf.convert import convert
-from bcos_hf.modeling import bcos_layers
+from bcos_hf.modeling import bcos_kernels
 
 from .models import FULL_SIZE, TINY, ModelSpec, build_original
 
@@ -278,11 +278,8 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 def check_fused_kernels(device: torch.device, dtypes: list[torch.dtype]) -> dict:
     """The fused CUDA kernels against their PyTorch fallback on random data: largest relative error."""
-    threshold, bcos_layers.FUSE_MIN_BYTES = bcos_layers.FUSE_MIN_BYTES, 0  # fuse these small tensors too
-    try:
+    with bcos_kernels.fusion(min_bytes=0):  # fuse these small tensors too
         return _fused_kernel_error(device, dtypes)
-    finally:
-        bcos_layers.FUSE_MIN_BYTES = threshold
 
 
 def _fused_kernel_error(device: torch.device, dtypes: list[torch.dtype]) -> dict:
@@ -291,17 +288,17 @@ def _fused_kernel_error(device: torch.device, dtypes: list[torch.dtype]) -> dict
         for shape in ((512, 384, 1), (8, 96, 3136)):  # linear rows, conv windows
             grad, out = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
             norm = torch.rand(shape[0], 1, shape[2], device=device) * 10 + 0.5
-            y = bcos_layers._scale2_forward(out, norm)
+            y = bcos_kernels.scale2_forward(out, norm)
             cases = [
-                (bcos_layers._scale2_forward, (out, norm)),
-                (bcos_layers._scale2_backward, (grad, y, norm)),
-                (bcos_layers._scale2_backward_detached, (grad, y, norm)),
-                (bcos_layers._scale_forward, (out, norm, 2.5)),
-                (bcos_layers._scale_backward, (grad, out, norm, 2.5)),
-                (bcos_layers._scale_backward_detached, (grad, out, norm, 2.5)),
+                (bcos_kernels.scale2_forward, (out, norm)),
+                (bcos_kernels.scale2_backward, (grad, y, norm)),
+                (bcos_kernels.scale2_backward_detached, (grad, y, norm)),
+                (bcos_kernels.scale_forward, (out, norm, 2.5)),
+                (bcos_kernels.scale_backward, (grad, out, norm, 2.5)),
+                (bcos_kernels.scale_backward_detached, (grad, out, norm, 2.5)),
             ]
             for kernel, arguments in cases:
-                fused = bcos_layers._compiled(kernel, arguments)
+                fused = bcos_kernels.compiled_kernel(kernel, arguments)
                 assert fused is not None, "the fused path is not taken on CUDA"
                 for got, want in zip(
                     torch.utils._pytree.tree_leaves(fused(*arguments)),
@@ -316,7 +313,7 @@ def _fused_kernel_error(device: torch.device, dtypes: list[torch.dtype]) -> dict
 def environment(devices: list[torch.device]) -> dict:
     info = {
         "python": platform.python_version(),
-        "fused_cuda_kernels": bcos_layers.FUSE_ON_CUDA,
+        "fused_cuda_kernels": bcos_kernels.FUSION.on_cuda,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "bcos_hf": bcos_hf.__version__,
@@ -404,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    bcos_layers.FUSE_ON_CUDA = not args.no_fuse
+    bcos_kernels.FUSION.on_cuda = not args.no_fuse  # for the whole run, as the flag says
     if args.devices is None:
         device_names = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
@@ -441,11 +438,11 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": [],
     }
     for device in devices:
-        if device.type == "cuda" and bcos_layers.FUSE_ON_CUDA:
+        if device.type == "cuda" and bcos_kernels.FUSION.on_cuda:
             try:
                 results["fused_kernels"].append(check_fused_kernels(device, [DTYPES[name] for name in dtypes]))
             except Exception as error:  # a broken compiler must not cost the whole run: measure unfused
-                bcos_layers.FUSE_ON_CUDA = False
+                bcos_kernels.FUSION.on_cuda = False
                 results["environment"]["fused_cuda_kernels"] = False
                 results["notes"].append(f"Fused kernels unavailable ({error!r}); B-cos ran with the PyTorch fallback.")
     out = Path(args.out)

@@ -59,7 +59,7 @@ from bcos_hf.alignment import (
 from bcos_hf.convert import convert
 from bcos_hf.photos import UnlabelledImages, load_photo_dataset
 from bcos_hf.pretrained import IMAGENET_MEAN, IMAGENET_STD, imagenet_mobilenet_v2, load_dinov2_small
-from bcos_hf.training import BcosTrainer
+from bcos_hf.training import BcosTrainer, set_b
 
 logger = logging.getLogger("keep_knowledge")
 ARMS = ("bcosified", "random")
@@ -258,29 +258,53 @@ class ScoreEvery(TrainerCallback):
             logger.info("step %d: %s", state.global_step, {k: round(v, 3) for k, v in entry.items() if k != "step"})
 
 
-def bcos_arm(original, arm: str, seed: int):
+def bcos_arm(original, arm: str, seed: int, keep_bias: bool = False):
     """The B-cos model of one arm: the original converted, or a random-init copy of its architecture converted."""
     source = copy.deepcopy(original)
     if arm == "random":
         torch.manual_seed(seed)
         source = type(original)(original.config).eval()
-    return convert(source, b=2.0, keep_bias=False, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).model
+    return convert(source, b=2.0, keep_bias=keep_bias, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).model
+
+
+class Ramp(TrainerCallback):
+    """The gentle path from the exact original: over ``steps`` optimiser steps B rises linearly from 1 to 2 and
+    the constant-term biases shrink linearly to 0 (then stay frozen at 0); BatchNorm networks re-estimate their
+    running statistics ``calibrations`` times on the way, the last when B reaches 2."""
+
+    def __init__(self, steps: int, calibration_batches, calibrations: int = 4) -> None:
+        self.steps, self.applied = steps, 1.0
+        self.calibration_batches = calibration_batches
+        self.calibrate_at = {round(steps * k / calibrations) for k in range(1, calibrations + 1)}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        share = min(1.0, state.global_step / self.steps)
+        set_b(model, 1.0 + share)
+        if 1.0 - share != self.applied:
+            with torch.no_grad():
+                for bias in BcosTrainer._decayable_biases(model):
+                    bias.mul_((1.0 - share) / self.applied)
+                    if share == 1.0:
+                        bias.requires_grad_(False)
+            self.applied = 1.0 - share
+        if state.global_step in self.calibrate_at and has_batchnorm(model):
+            calibrate_batchnorm(model, self.calibration_batches())
 
 
 def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
-    model = bcos_arm(original, arm, args.seed)
+    ramp = int(args.ramp_share * args.steps)
+    model = bcos_arm(original, arm, args.seed, keep_bias=ramp > 0)
+    if ramp:
+        set_b(model, 1.0)  # the exact original (B = 1, biases kept) at step 0
+
+    def calibration_batches():
+        for start in range(0, args.calibration_batches * args.batch_size, args.batch_size):
+            yield collate([images[i] for i in range(start, start + args.batch_size)])["pixel_values"]
+
     before = yardstick.score(model)
-    calibrated = (
-        calibrate_batchnorm(
-            model,
-            (
-                collate([images[i] for i in range(start, start + args.batch_size)])["pixel_values"]
-                for start in range(0, args.calibration_batches * args.batch_size, args.batch_size)
-            ),
-        )
-        if has_batchnorm(model)
-        else 0
-    )
+    # The ramp's bcosified arm starts as the exact original: its statistics are the original's own.
+    exact_start = ramp and arm == "bcosified"
+    calibrated = calibrate_batchnorm(model, calibration_batches()) if has_batchnorm(model) and not exact_start else 0
     calibrated_score = yardstick.score(model) if calibrated else None
     history: list[dict] = [{"step": 0, **(calibrated_score or before)}]
     overrides = {
@@ -310,7 +334,10 @@ def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
         teacher=original,
         train_dataset=images,
         data_collator=collate,
-        callbacks=[ScoreEvery(yardstick, args.eval_every, history)],
+        callbacks=[
+            ScoreEvery(yardstick, args.eval_every, history),
+            *([Ramp(ramp, calibration_batches)] if ramp else []),
+        ],
     )
     started = time.perf_counter()
     trainer.train()
@@ -403,6 +430,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the family's recipe")
     parser.add_argument("--alignment-mode", choices=ALIGNMENT_MODES, default=None, help="default: the family's recipe")
     parser.add_argument("--teacher-forced-share", type=float, default=None, help="share of steps teacher-forced")
+    parser.add_argument(
+        "--ramp-share",
+        type=float,
+        default=0.0,
+        help="start from the exact original (B = 1, biases kept) and ramp B to 2 and the biases to 0 over this "
+        "share of the steps (0: start at B = 2 without biases)",
+    )
     parser.add_argument(
         "--block-errors",
         action="store_true",

@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 from bcos_hf import BcosConv2d, BcosLinear
 from bcos_hf.cli import main
 from bcos_hf.convert import convert
-from bcos_hf.modeling.bcos_layers import ExplainableMixin
+from bcos_hf.modeling.explainable import ExplainableMixin
 
 from .conftest import run_without_bcos_hf
 from .families import FAMILIES, save_family

@@ -10,8 +10,8 @@ from torch import nn
 
 from bcos_hf import BcosConv2d, BcosLayerNorm, BcosLinear
 from bcos_hf.convert import convert
-from bcos_hf.modeling import bcos_layers
-from bcos_hf.modeling.bcos_layers import NORM_EPS, SCALE_EPS, bcos_scale
+from bcos_hf.modeling import bcos_activations, bcos_kernels
+from bcos_hf.modeling.bcos_kernels import NORM_EPS, SCALE_EPS, bcos_scale
 
 from .families import FAMILIES, IMAGE_MEAN, IMAGE_STD
 
@@ -137,14 +137,14 @@ def _all_kernels(grad, out, y, norm):
     """Every elementwise kernel of the fast path, so that one compilation covers them all."""
     weight = torch.linspace(0.5, 1.5, out.shape[-1])
     return (
-        bcos_layers._layer_norm_input_grad(grad, weight, norm, (-1,)),
-        bcos_layers.ACTIVATION_GATES["gelu"](out.float()),  # in bf16, eager rounds every step and inductor once
-        bcos_layers._scale2_forward(out, norm),
-        *bcos_layers._scale2_backward(grad, y, norm),
-        bcos_layers._scale2_backward_detached(grad, y, norm),
-        bcos_layers._scale_forward(out, norm, 2.5),
-        *bcos_layers._scale_backward(grad, out, norm, 2.5),
-        bcos_layers._scale_backward_detached(grad, out, norm, 2.5),
+        bcos_kernels.layer_norm_input_grad(grad, weight, norm, (-1,)),
+        bcos_activations.ACTIVATION_GATES["gelu"](out.float()),  # in bf16, eager rounds every step and inductor once
+        bcos_kernels.scale2_forward(out, norm),
+        *bcos_kernels.scale2_backward(grad, y, norm),
+        bcos_kernels.scale2_backward_detached(grad, y, norm),
+        bcos_kernels.scale_forward(out, norm, 2.5),
+        *bcos_kernels.scale_backward(grad, out, norm, 2.5),
+        bcos_kernels.scale_backward_detached(grad, out, norm, 2.5),
     )
 
 
@@ -157,7 +157,7 @@ def test_fused_kernels_match_their_pytorch_fallback():
     fused = torch.compile(_all_kernels, dynamic=True, fullgraph=True)
     grad, out = torch.randn(6, 7, 3, dtype=dtype), torch.randn(6, 7, 3, dtype=dtype)
     norm = torch.rand(6, 1, 3) * 4 + 0.5
-    y = bcos_layers._scale2_forward(out, norm)
+    y = bcos_kernels.scale2_forward(out, norm)
     for got, want in zip(fused(grad, out, y, norm), _all_kernels(grad, out, y, norm), strict=True):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-5)
@@ -165,18 +165,23 @@ def test_fused_kernels_match_their_pytorch_fallback():
 
 def test_fused_path_is_used_only_on_cuda_and_never_inside_compile(monkeypatch):
     out, norm = torch.randn(2, 3, 1), torch.rand(2, 1, 1) + 1
-    assert bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm)) is None
+    assert bcos_kernels.compiled_kernel(bcos_kernels.scale2_forward, (out, norm)) is None
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(bcos_layers, "_COMPILED", {})
-    assert bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm)) is None  # too small to pay
-    monkeypatch.setattr(bcos_layers, "FUSE_MIN_BYTES", 0)
-    compiled = bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm))
-    assert compiled is not None
-    assert bcos_layers._compiled(bcos_layers._scale2_forward, (out * 2, norm)) is compiled  # once per kind
-    conv_like = bcos_layers._compiled(bcos_layers._scale2_forward, (torch.randn(2, 3, 4), torch.rand(2, 1, 4)))
-    assert conv_like is not None and conv_like is not compiled  # another kind of call: another copy
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert bcos_layers._compiled(bcos_layers._scale2_forward, (out, norm)) is None
+    monkeypatch.setattr(bcos_kernels, "_COMPILED", {})
+    assert bcos_kernels.compiled_kernel(bcos_kernels.scale2_forward, (out, norm)) is None  # too small to pay
+    with bcos_kernels.fusion(min_bytes=0):
+        compiled = bcos_kernels.compiled_kernel(bcos_kernels.scale2_forward, (out, norm))
+        assert compiled is not None
+        assert bcos_kernels.compiled_kernel(bcos_kernels.scale2_forward, (out * 2, norm)) is compiled  # once per kind
+        conv_like = bcos_kernels.compiled_kernel(
+            bcos_kernels.scale2_forward, (torch.randn(2, 3, 4), torch.rand(2, 1, 4))
+        )
+        assert conv_like is not None and conv_like is not compiled  # another kind of call: another copy
+        with bcos_kernels.fusion(on_cuda=False):
+            assert bcos_kernels.compiled_kernel(bcos_kernels.scale2_forward, (out, norm)) is None
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert bcos_kernels.compiled_kernel(bcos_kernels.scale2_forward, (out, norm)) is None
+    assert bcos_kernels.FUSION.min_bytes == 2**26  # restored on exit
 
 
 def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:

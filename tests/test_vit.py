@@ -111,6 +111,10 @@ def test_saved_folder_has_everything_and_processor_does_not_normalise(tiny_vit_d
         "configuration_bcos.py",
         "modeling_bcos.py",
         "bcos_layers.py",
+        "bcos_kernels.py",
+        "bcos_norms.py",
+        "bcos_activations.py",
+        "explainable.py",
         "rewriting.py",
         "adapters.py",
     } <= files

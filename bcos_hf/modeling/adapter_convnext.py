@@ -15,7 +15,7 @@ Stochastic depth (ConvNextDropPath) multiplies whole samples by an input-indepen
 
 from torch import nn
 
-from .bcos_layers import BcosLayerNorm
+from .bcos_norms import BcosLayerNorm
 from .rewriting import ArchitectureAdapter, RewriteOptions
 
 

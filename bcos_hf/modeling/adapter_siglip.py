@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_clip import keep_position_embedding
-from .bcos_layers import BcosLinear, ExplainableMixin
+from .bcos_layers import BcosLinear
+from .explainable import ExplainableMixin
 from .rewriting import ArchitectureAdapter, RewriteOptions, UnsupportedModelError
 
 

@@ -23,8 +23,9 @@ class BcosConfig(PreTrainedConfig):
     needs to rebuild the same model bit for bit.
 
     Args:
-        source_config (`dict` or `PreTrainedConfig`):
-            Config of the source architecture, with ``num_channels=6`` (the model sees ``[x, 1 - x]``).
+        source_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the source architecture, with ``num_channels=6`` (the model sees ``[x, 1 - x]``). Defaults
+            to a ViT-Base (``ViTConfig(num_channels=6)``), so ``BcosConfig()`` builds like any transformers config.
         b (`float`, defaults to 2.0):
             The B-cos exponent: 1 is a plain linear network, 2 the usual B-cos model; any value >= 1.
         keep_bias (`bool`, defaults to False):
@@ -60,6 +61,8 @@ class BcosConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         kwargs.setdefault("auto_map", dict(REMOTE_CODE_AUTO_MAP))
+        if self.source_config is None:  # ``BcosConfig()``: a B-cos ViT-Base, as ``ViTConfig()`` is a ViT-Base
+            self.source_config = {"model_type": "vit", "num_channels": 6}
         super().__post_init__(**kwargs)
         if not float(self.b) >= 1:
             raise ValueError(f"BcosConfig.b must be >= 1; got {self.b}.")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bcos_layers import ExplainableMixin, explanation_mode
+from .explainable import ExplainableMixin, explanation_mode
 
 Target = int | str | Sequence[int | str] | torch.Tensor | Callable[[Any], torch.Tensor] | None
 """What to explain: None (the predicted class), a class index or label name for every image, one per image,

@@ -22,8 +22,9 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils.generic import can_return_tuple
 
 from .adapters import get_adapter
-from .bcos_layers import LogitLayer, explanation_mode
+from .bcos_layers import LogitLayer
 from .configuration_bcos import BcosConfig
+from .explainable import explanation_mode
 from .explanation_bcos import BcosExplanation, Target, explain
 from .rewriting import RewriteOptions, bcosify
 

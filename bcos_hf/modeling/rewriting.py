@@ -18,16 +18,10 @@ import torch
 from torch import nn
 from transformers import activations
 
-from .bcos_layers import (
-    BcosConv2d,
-    BcosGroupNorm,
-    BcosLayerNorm,
-    BcosLinear,
-    DetachableActivation,
-    DetachableLinear,
-    ExplainableMixin,
-    UncentredBatchNorm2d,
-)
+from .bcos_activations import DetachableActivation
+from .bcos_layers import BcosConv2d, BcosLinear, DetachableLinear
+from .bcos_norms import BcosGroupNorm, BcosLayerNorm, UncentredBatchNorm2d
+from .explainable import ExplainableMixin
 from .explanation_bcos import fold_constant_tokens
 
 

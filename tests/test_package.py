@@ -1,0 +1,31 @@
+"""The package behaves like a transformers model library: default configs build, public names import."""
+
+import torch
+from transformers import AutoConfig, ViTConfig
+
+import bcos_hf
+from bcos_hf import BcosConfig, BcosForImageClassification, BcosTrainer, BcosTrainingArguments
+
+
+def test_default_config_builds_a_bcos_vit_base_and_round_trips(tmp_path):
+    config = BcosConfig()
+    assert isinstance(config.source_config, ViTConfig)
+    assert config.source_config.num_channels == 6 and config.source_config.hidden_size == 768
+    assert config.b == 2.0 and config.keep_bias is False
+    config.save_pretrained(tmp_path)
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(reloaded, BcosConfig) and reloaded.source_config.num_channels == 6
+
+
+def test_default_config_with_a_small_source_builds_a_working_model():
+    source = {"model_type": "vit", "num_channels": 6, "hidden_size": 32, "num_hidden_layers": 1}
+    source |= {"num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 16}
+    model = BcosForImageClassification(BcosConfig(source_config=source)).eval()
+    logits = model(pixel_values=torch.rand(2, 3, 32, 32)).logits
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def test_trainer_and_arguments_are_exported_at_the_top_level():
+    assert {"BcosTrainer", "BcosTrainingArguments"} <= set(bcos_hf.__all__)
+    assert BcosTrainer.__module__ == "bcos_hf.training"
+    assert BcosTrainingArguments(output_dir="unused").alignment_weight == 0.0
