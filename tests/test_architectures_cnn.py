@@ -1,4 +1,4 @@
-"""ConvNeXt, ResNet and MobileNetV2: the converter's guarantees on tiny configs built in code (issue 3)."""
+"""ConvNeXt, ResNet and MobileNetV2: the converter's guarantees on tiny configs built in code."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DeiT, DINOv2, and CLIP's and SigLIP's vision towers: the converter's guarantees on tiny configs (issue 3).
+"""DeiT, DINOv2, and CLIP's and SigLIP's vision towers: the converter's guarantees on tiny configs.
 
 CLIPModel and SiglipModel themselves (zero-shot, with their text towers) are covered in test_clip.py.
 """

@@ -1,4 +1,4 @@
-"""B-cos CLIP and SigLIP for zero-shot classification: only the vision tower is converted (issue 3).
+"""B-cos CLIP and SigLIP for zero-shot classification: only the vision tower is converted.
 
 The tiny models share a letter-level tokenizer whose ids lie inside their 54-token vocabulary (tests/families.py).
 """

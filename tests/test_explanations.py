@@ -1,4 +1,4 @@
-"""model.explain: exact (contributions add up to the logit), stateless, batched, and its pictures (issue 4)."""
+"""model.explain: exact (contributions add up to the logit), stateless, batched, and its pictures."""
 
 from __future__ import annotations
 

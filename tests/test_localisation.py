@@ -1,4 +1,4 @@
-"""The grid pointing game on a synthetic task whose answer is known: each class is a coloured square (issue 4)."""
+"""The grid pointing game on a synthetic task whose answer is known: each class is a coloured square."""
 
 from __future__ import annotations
 

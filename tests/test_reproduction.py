@@ -1,4 +1,4 @@
-"""The reproduction script's quick mode (issue 7): three arms, GridPG and pictures, end to end on real data."""
+"""The reproduction script's quick mode: three arms, GridPG and pictures, end to end on real data."""
 
 from __future__ import annotations
 

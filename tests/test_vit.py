@@ -1,4 +1,4 @@
-"""The ViT converter and the B-cos model family on the Auto classes (issue 2)."""
+"""The ViT converter and the B-cos model family on the Auto classes."""
 
 from __future__ import annotations
 
