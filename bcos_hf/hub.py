@@ -92,6 +92,9 @@ def training_card_details(trainer, dataset: str | list[str] | None = None, **_ig
         ),
         "B warm-up": f"1 -> B over {args.b_warmup_steps} steps" if args.b_warmup_steps else "none",
         "bias decay": f"{args.bias_decay:g}" if args.bias_decay else "none",
+        "bias anneal": f"biases -> 0 over {args.bias_anneal_steps} steps, then removed"
+        if args.bias_anneal_steps
+        else "none",
         "alignment with the original": (
             f"weight {args.alignment_weight:g}, {args.alignment_mode}"
             + (f" after {args.teacher_forced_steps} teacher-forced steps" if args.teacher_forced_steps else "")

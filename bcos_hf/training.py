@@ -113,6 +113,14 @@ class BcosTrainingArguments(TrainingArguments):
             "biases are left alone (they only shape the attention pattern)."
         },
     )
+    bias_anneal_steps: int = field(
+        default=0,
+        metadata={
+            "help": "For models converted with keep_bias=True: shrink the constant-term biases linearly to zero "
+            "over this many optimiser steps, then remove them, so the trained model is bias-free "
+            "(config.keep_bias becomes False). With b_warmup_steps, the gentle path from the exact original."
+        },
+    )
     distillation_alpha: float = field(
         default=0.5,
         metadata={"help": "Classifier distillation: loss = alpha * KL(teacher || student) + (1 - alpha) * label loss."},
@@ -169,10 +177,14 @@ class BcosTrainingArguments(TrainingArguments):
             raise ValueError(f"distillation_alpha must lie in [0, 1]; got {self.distillation_alpha}.")
         if not self.distillation_temperature > 0:
             raise ValueError(f"distillation_temperature must be positive; got {self.distillation_temperature}.")
-        if self.b_warmup_steps < 0 or self.bias_decay < 0 or self.clip_factor <= 0 or self.clip_eps <= 0:
+        if (
+            min(self.b_warmup_steps, self.bias_decay, self.bias_anneal_steps) < 0
+            or min(self.clip_factor, self.clip_eps) <= 0
+        ):
             raise ValueError(
-                "b_warmup_steps and bias_decay must be >= 0, clip_factor and clip_eps > 0; got "
-                f"{self.b_warmup_steps}, {self.bias_decay}, {self.clip_factor}, {self.clip_eps}."
+                "b_warmup_steps, bias_decay and bias_anneal_steps must be >= 0, clip_factor and clip_eps > 0; got "
+                f"{self.b_warmup_steps}, {self.bias_decay}, {self.bias_anneal_steps}, {self.clip_factor}, "
+                f"{self.clip_eps}."
             )
         if self.alignment_mode not in ALIGNMENT_MODES:
             raise ValueError(
@@ -315,6 +327,60 @@ class BWarmupCallback(TrainerCallback):
         model.config.b = self.final_b
 
 
+def constant_biases(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    """(module, bias) for every bias that adds a constant term: all but attention queries' and keys' (those only
+    shape the attention pattern, and a bias-free conversion keeps them too)."""
+    return [
+        (module, module.bias)
+        for module in model.modules()
+        if isinstance(getattr(module, "bias", None), nn.Parameter) and not isinstance(module, DetachableLinear)
+    ]
+
+
+class BiasAnnealCallback(TrainerCallback):
+    """Scales the constant-term biases linearly from their value to zero over ``steps`` optimiser steps, holds
+    them at zero (frozen), and removes them at the end of training: the model is then what a bias-free
+    conversion builds (``config.keep_bias`` False), so it saves and reloads as a bias-free B-cos model.
+
+    The scale is recomputed from the global step, so a resumed run continues where it stopped (the checkpoint
+    holds the biases already scaled).
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.applied = 1.0
+
+    def scale_at(self, step: int) -> float:
+        return max(0.0, 1.0 - step / self.steps)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.applied = self.scale_at(state.global_step)
+        if self.applied == 0.0:
+            self._freeze(model)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        target = self.scale_at(state.global_step)
+        if target == self.applied:
+            return
+        with torch.no_grad():
+            for _, bias in constant_biases(model):
+                bias.mul_(target / self.applied)
+        self.applied = target
+        if target == 0.0:
+            self._freeze(model)
+
+    @staticmethod
+    def _freeze(model: nn.Module) -> None:
+        for _, bias in constant_biases(model):
+            bias.requires_grad_(False).zero_()
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.applied == 0.0:
+            for module, _ in constant_biases(model):
+                module.bias = None
+            model.config.keep_bias = False
+
+
 def is_bcos_model(model: nn.Module) -> bool:
     """A model converted by bcos_hf (loaded with bcos_hf or through remote code)."""
     config = getattr(model, "config", None)
@@ -440,6 +506,14 @@ class BcosTrainer(Trainer):
         self.final_b = float(model.config.b)
         if args.b_warmup_steps > 0:
             self.add_callback(BWarmupCallback(self.final_b, args.b_warmup_steps))
+        if args.bias_anneal_steps > 0:
+            if not model.config.keep_bias:
+                raise ValueError(
+                    f"bias_anneal_steps={args.bias_anneal_steps} anneals the biases of a model converted with "
+                    "keep_bias=True, but this model has none: convert with keep_bias=True (CLI: --keep-bias) to "
+                    "start from the exact original, or set bias_anneal_steps=0."
+                )
+            self.add_callback(BiasAnnealCallback(args.bias_anneal_steps))
         self.teacher = None
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -561,14 +635,7 @@ class BcosTrainer(Trainer):
 
     @staticmethod
     def _decayable_biases(model: nn.Module) -> list[nn.Parameter]:
-        """Biases that add constant terms: every bias except attention queries' and keys' (kept on purpose)."""
-        return [
-            module.bias
-            for module in model.modules()
-            if isinstance(getattr(module, "bias", None), nn.Parameter)
-            and module.bias.requires_grad
-            and not isinstance(module, DetachableLinear)
-        ]
+        return [bias for _, bias in constant_biases(model) if bias.requires_grad]
 
     def _clip_grad_norm(self, model):
         """Adaptive clipping replaces the Trainer's global-norm clipping when ``adaptive_clipping`` is on."""

@@ -267,27 +267,16 @@ def bcos_arm(original, arm: str, seed: int, keep_bias: bool = False):
     return convert(source, b=2.0, keep_bias=keep_bias, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).model
 
 
-class Ramp(TrainerCallback):
-    """The gentle path from the exact original: over ``steps`` optimiser steps B rises linearly from 1 to 2 and
-    the constant-term biases shrink linearly to 0 (then stay frozen at 0); BatchNorm networks re-estimate their
-    running statistics ``calibrations`` times on the way, the last when B reaches 2."""
+class CalibrateDuringRamp(TrainerCallback):
+    """BatchNorm networks on the ramp: re-estimate the running statistics ``times`` times on the way, the last
+    when B reaches its final value (the statistics are frozen while training, as the recipe has it)."""
 
-    def __init__(self, steps: int, calibration_batches, calibrations: int = 4) -> None:
-        self.steps, self.applied = steps, 1.0
+    def __init__(self, ramp_steps: int, calibration_batches, times: int = 4) -> None:
         self.calibration_batches = calibration_batches
-        self.calibrate_at = {round(steps * k / calibrations) for k in range(1, calibrations + 1)}
+        self.at = {round(ramp_steps * k / times) for k in range(1, times + 1)}
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        share = min(1.0, state.global_step / self.steps)
-        set_b(model, 1.0 + share)
-        if 1.0 - share != self.applied:
-            with torch.no_grad():
-                for bias in BcosTrainer._decayable_biases(model):
-                    bias.mul_((1.0 - share) / self.applied)
-                    if share == 1.0:
-                        bias.requires_grad_(False)
-            self.applied = 1.0 - share
-        if state.global_step in self.calibrate_at and has_batchnorm(model):
+        if state.global_step in self.at:
             calibrate_batchnorm(model, self.calibration_batches())
 
 
@@ -311,6 +300,8 @@ def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
         key: value
         for key, value in (
             ("learning_rate", args.learning_rate),
+            ("b_warmup_steps", ramp or None),
+            ("bias_anneal_steps", ramp or None),
             ("alignment_mode", args.alignment_mode),
             (
                 "teacher_forced_steps",
@@ -336,9 +327,11 @@ def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
         data_collator=collate,
         callbacks=[
             ScoreEvery(yardstick, args.eval_every, history),
-            *([Ramp(ramp, calibration_batches)] if ramp else []),
+            *([CalibrateDuringRamp(ramp, calibration_batches)] if ramp and has_batchnorm(model) else []),
         ],
     )
+    if ramp and has_batchnorm(model):  # after the trainer's own B warm-up: calibrate at the step's B
+        trainer.add_callback(CalibrateDuringRamp(ramp, calibration_batches))
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

@@ -179,6 +179,47 @@ def test_b_warmup_ramps_from_one_and_ends_in_sync_with_the_config(tiny_dir, tmp_
     assert trainer.model.config.b == 2.0
 
 
+class BiasScale(TrainerCallback):
+    """Records the classifier bias's norm after every optimiser step."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        bias = model.network.classifier.bias
+        self.norms.append(float(bias.norm()) if bias is not None else None)
+
+
+def test_bias_anneal_ends_in_a_bias_free_model_that_reloads_strictly(tmp_path):
+    folder = save_tiny_bcos(tmp_path / "with-bias", keep_bias=True)
+    model = load(folder)
+    query_bias = model.network.vit.layers[0].attention.q_proj.bias.detach().clone()
+    recorder = BiasScale()
+    trainer = BcosTrainer(
+        model,
+        make_args(tmp_path, max_steps=5, bias_anneal_steps=3, learning_rate=0.0),
+        train_dataset=TinyImages(),
+        callbacks=[recorder],
+    )
+    trainer.train()
+    start = recorder.norms[0]
+    assert recorder.norms[1:] == pytest.approx([start * 2 / 3, start / 3, 0.0, 0.0], rel=1e-5)
+    assert model.config.keep_bias is False and model.network.classifier.bias is None
+    biases = {name for name, _ in model.named_parameters() if name.endswith("bias")}
+    assert biases == {"network.vit.layers.0.attention.q_proj.bias", "network.vit.layers.0.attention.k_proj.bias"}
+    torch.testing.assert_close(model.network.vit.layers[0].attention.q_proj.bias, query_bias)
+    trainer.save_model(str(tmp_path / "annealed"))
+    reloaded = load(tmp_path / "annealed")
+    assert reloaded.config.keep_bias is False
+    pixels = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(reloaded.eval()(pixel_values=pixels).logits, model.eval()(pixel_values=pixels).logits)
+
+
+def test_bias_anneal_refuses_a_model_without_biases(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="keep_bias=True"):
+        BcosTrainer(load(tiny_dir), make_args(tmp_path, bias_anneal_steps=2), train_dataset=TinyImages())
+
+
 def test_bias_decay_decays_the_constant_terms_only(tmp_path):
     folder = save_tiny_bcos(tmp_path / "with-bias", keep_bias=True)
     trainer = BcosTrainer(load(folder), make_args(tmp_path, max_steps=2, bias_decay=0.5), train_dataset=TinyImages())
