@@ -325,10 +325,7 @@ def run_arm(name, original, arm, yardstick, images, args, work: Path) -> dict:
         teacher=original,
         train_dataset=images,
         data_collator=collate,
-        callbacks=[
-            ScoreEvery(yardstick, args.eval_every, history),
-            *([CalibrateDuringRamp(ramp, calibration_batches)] if ramp and has_batchnorm(model) else []),
-        ],
+        callbacks=[ScoreEvery(yardstick, args.eval_every, history)],
     )
     if ramp and has_batchnorm(model):  # after the trainer's own B warm-up: calibrate at the step's B
         trainer.add_callback(CalibrateDuringRamp(ramp, calibration_batches))
