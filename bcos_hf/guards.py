@@ -167,24 +167,6 @@ def _move_into_place(staging: Path, target: Path) -> None:
         replaced.unlink(missing_ok=True)
 
 
-def safe_file_name(name: str) -> str:
-    """``name`` if it is a plain file name (no folder part, not ``.``/``..``, no control characters), else a
-    ValueError: names given for output files must not reach outside their folder."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or "/" in name
-        or "\\" in name
-        or any(ord(character) < 32 for character in name)
-    ):
-        raise ValueError(
-            f"{name!r} is not a plain file name: names must not be empty, '.' or '..', or hold '/', '\\' or "
-            "control characters (they name files inside the output folder)."
-        )
-    return name
-
-
 def unique_names(names: Sequence[str]) -> list[str]:
     """``names`` made distinct: a repeat gets ``_2``, ``_3``, ... (the first suffix not yet taken)."""
     taken: set[str] = set()

@@ -101,9 +101,12 @@ def non_finite_parameters(model: nn.Module) -> list[str]:
     ]
     if not tensors:
         return []
-    norms = torch._foreach_norm([tensor.detach() for _, tensor in tensors])
-    finite = torch.isfinite(torch.stack([norm.float() for norm in norms])).tolist()
-    return [name for (name, tensor), ok in zip(tensors, finite, strict=True) if not ok and not _finite(tensor)]
+    local = [(t.to_local() if hasattr(t, "to_local") else t).detach() for _, t in tensors]  # DTensor: its shard
+    norms = torch._foreach_norm(local)  # one pass; a norm is finite exactly when its tensor is (barring overflow)
+    finite = torch.isfinite(torch.stack([norm.float().to(norms[0].device) for norm in norms])).tolist()
+    return [
+        name for (name, _), tensor, ok in zip(tensors, local, finite, strict=True) if not ok and not _finite(tensor)
+    ]
 
 
 def _finite(tensor: torch.Tensor) -> bool:
