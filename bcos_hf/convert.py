@@ -282,7 +282,8 @@ def _read(name: str, what: str, load):
             else "It is not a local folder, and the Hub could not provide it: check the id and the connection "
             "(or HF_HUB_OFFLINE)."
         )
-        raise OSError(f"Could not read the {what} of {name}: {str(error).splitlines()[0]} {hint}") from error
+        reason = (str(error).splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise OSError(f"Could not read the {what} of {name}: {reason}. {hint}") from error
 
 
 def input_normalisation(source_name: str, image_processor, image_mean, image_std) -> tuple[list[float], list[float]]:
