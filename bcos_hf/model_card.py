@@ -42,6 +42,13 @@ def _yaml_string(text: str) -> str:
     return json.dumps(_plain(text))
 
 
+def _escaped_json(value) -> str:
+    """JSON for a fenced code block: backticks (which could close the block) and angle brackets (HTML) escaped as
+    JSON unicode escapes, so the data stays exact."""
+    text = dump_json(value)
+    return text.replace("`", "\\u0060").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
 def _source_reference(name: str) -> str:
     """Markdown for the source checkpoint: a link to its Hub page for a Hub id, else the name as code."""
     if is_hub_id(name) and not Path(name).exists():
@@ -82,7 +89,7 @@ def render_model_card(
     model_class = (config.architectures or ["BcosForImageClassification"])[0]
     pipeline_tag, auto_class, processor_class, pipeline_call = USAGE[_model_kind(model_class)]
     conversion = (
-        "```json\n" + dump_json(report).replace("`", "\\u0060") + "\n```"
+        "```json\n" + _escaped_json(report) + "\n```"
         if report
         else "No conversion report was saved with this model."
     )

@@ -391,17 +391,18 @@ def test_training_stops_at_the_first_non_finite_loss_or_weight(converted_classif
 # Security ----------------------------------------------------------------------------------------------------
 
 
-def test_explain_never_runs_code_from_the_model_folder(converted_classifier, tmp_path, capsys):
-    """An ``auto_map`` in the folder's processor or model config points at code there: it is never imported."""
+def test_explain_never_runs_code_from_the_model_folder(converted_classifier, tmp_path, capsys, monkeypatch):
+    """A processor of an unknown type with an ``auto_map`` to code in the folder: transformers would ask whether to
+    run it. A user who answers yes still runs nothing: bcos_hf never lets transformers load code from folders."""
     witness = tmp_path / "code-ran"
-    (converted_classifier / "evil.py").write_text(f"open({str(witness)!r}, 'w').write('ran')\n")
-    for name, key in (("preprocessor_config.json", "AutoImageProcessor"), ("config.json", "AutoConfig")):
-        config = json.loads((converted_classifier / name).read_text())
-        config["auto_map"] = {**config.get("auto_map", {}), key: "evil.Evil"}
-        (converted_classifier / name).write_text(json.dumps(config))
+    (converted_classifier / "evil.py").write_text(f"open({str(witness)!r}, 'w').write('ran')\nclass Evil: pass\n")
+    config = json.loads((converted_classifier / "preprocessor_config.json").read_text())
+    config.update(image_processor_type="EvilImageProcessor", auto_map={"AutoImageProcessor": "evil.Evil"})
+    (converted_classifier / "preprocessor_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     status = main(["explain", str(converted_classifier), str(tmp_path / "a.png"), "--out", str(tmp_path / "out")])
-    assert status == 0, capsys.readouterr().err
+    assert status == 2 and "trust_remote_code" in capsys.readouterr().err
     assert not witness.exists()
 
 
@@ -416,7 +417,8 @@ def test_recorded_names_cannot_inject_into_the_model_card(converted_classifier):
     (reference,) = [line for line in card.splitlines() if line.startswith("A **B-cos** version of")]
     assert reference.count("`") == 2  # the name is one code span: no link, no HTML
     assert card.count("```") == 8  # the report's block and the template's three: none closed early
-    outside_code = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", card, flags=re.S))
+    body = card.split("---", 2)[2]  # the Markdown after the front matter (whose one value was checked above)
+    outside_code = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", body, flags=re.S))
     assert "<script>" not in card and "javascript:" not in outside_code and "injected" not in outside_code
     saved = json.loads((converted_classifier / "config.json").read_text())
     saved["source_architecture"] = "x\n<b>bold</b>"
