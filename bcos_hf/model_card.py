@@ -89,9 +89,7 @@ def render_model_card(
     model_class = (config.architectures or ["BcosForImageClassification"])[0]
     pipeline_tag, auto_class, processor_class, pipeline_call = USAGE[_model_kind(model_class)]
     conversion = (
-        "```json\n" + _escaped_json(report) + "\n```"
-        if report
-        else "No conversion report was saved with this model."
+        "```json\n" + _escaped_json(report) + "\n```" if report else "No conversion report was saved with this model."
     )
     status = (
         "\n> This is the converted model **before fine-tuning**: with B = $b and no biases its predictions differ "
