@@ -255,7 +255,12 @@ def _run_align(args: argparse.Namespace) -> None:
     if not (isinstance(teacher_class, type) and issubclass(teacher_class, transformers.PreTrainedModel)):
         raise ValueError(f"The model records no transformers source class ({config.source_architecture!r}).")
     teacher_source = resolve_model_reference(teacher_source, "the teacher")
-    teacher = teacher_class.from_pretrained(teacher_source, dtype=torch.float32)
+    teacher, loading = teacher_class.from_pretrained(teacher_source, dtype=torch.float32, output_loading_info=True)
+    if loading.get("missing_keys"):
+        raise ValueError(
+            f"The teacher {teacher_source} lacks weights of a {teacher_class.__name__} "
+            f"({', '.join(sorted(loading['missing_keys'])[:5])}): pass the original checkpoint with --teacher."
+        )
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=False)
     images = load_image_dataset(args.images)
     images = images.remove_columns([c for c in images.column_names if c not in {"image", "img"}])

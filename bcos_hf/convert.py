@@ -259,7 +259,15 @@ def resolve_source(
         )
     logger.info("Loading %s", name)
     model_class = getattr(transformers, class_name)
-    model = _read(name, "weights", lambda: model_class.from_pretrained(name, dtype=torch.float32))
+    model, info = _read(
+        name, "weights", lambda: model_class.from_pretrained(name, dtype=torch.float32, output_loading_info=True)
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would initialise them randomly, and the conversion would carry them on
+        raise ValueError(
+            f"{name} lacks {len(missing)} weights of its {class_name} ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}): they would be random. Save or download the checkpoint again."
+        )
     if image_processor is None:
         try:
             image_processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=False)

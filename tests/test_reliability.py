@@ -152,6 +152,16 @@ def test_a_folder_missing_a_tensor_does_not_load(converted_classifier):
         AutoModelForImageClassification.from_pretrained(converted_classifier)
 
 
+def test_a_source_missing_a_tensor_is_not_converted(tiny_vit_dir, tmp_path):
+    """Transformers would initialise the missing classifier randomly, and the conversion would carry it on."""
+    weights = load_file(tiny_vit_dir / "model.safetensors")
+    del weights[next(key for key in weights if key.endswith("classifier.weight"))]
+    save_file(weights, tiny_vit_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 weights of its ViTForImageClassification \(classifier\.weight\)"):
+        convert(tiny_vit_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_classifier_folder_loads_as_its_backbone_with_pretrained_weights(converted_classifier):
     """AutoModel on a classifier's folder gives its backbone (as transformers does), weights included."""
     from transformers import AutoModel

@@ -1,6 +1,6 @@
 """Configuration of B-cos models converted from a pretrained Hugging Face vision model.
 
-Part of the remote-loadable model code: imports only transformers and siblings, with single dots.
+Part of the remote-loadable model code: imports only torch, transformers and siblings, with single dots.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class BcosConfig(PreTrainedConfig):
             Config of the source architecture, with ``num_channels=6`` (the model sees ``[x, 1 - x]``). Defaults
             to a ViT-Base (``ViTConfig(num_channels=6)``), so ``BcosConfig()`` builds like any transformers config.
         b (`float`, defaults to 2.0):
-            The B-cos exponent: 1 is a plain linear network, 2 the usual B-cos model; any value >= 1.
+            The B-cos exponent: 1 is a plain linear network, 2 the usual B-cos model; 1 to 10 (``check_b``).
         keep_bias (`bool`, defaults to False):
             Keep the pretrained biases. Biases are constant terms, so a B-cos model drops them; keeping them
             (with ``b=1``) reproduces the source model exactly.
