@@ -140,14 +140,15 @@ def atomic_folder(
         )
         yield staging
         (staging / INCOMPLETE_MARKER).unlink()
-        _move_into_place(staging, target.absolute())
+        _move_into_place(staging, target.absolute(), overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing target (empty, or replaced on request) goes first."""
+def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
+    """Rename ``staging`` to ``target``; an existing target (empty, or replaced on request) goes first. A target
+    that another process filled meanwhile is kept (unless ``overwrite``)."""
     if not target.exists():
         staging.rename(target)
         return
@@ -155,6 +156,8 @@ def _move_into_place(staging: Path, target: Path) -> None:
         target.rmdir()
         staging.rename(target)
         return
+    if not overwrite:
+        raise FileExistsError(f"{target} was created by someone else during the conversion: it was kept.")
     replaced = Path(
         tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=REPLACED_SUFFIX, dir=target.parent)
     )

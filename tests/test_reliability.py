@@ -92,6 +92,31 @@ def test_an_existing_folder_is_kept_unless_overwrite_is_asked_for(tiny_vit_dir, 
     assert main(["convert", str(tiny_vit_dir), str(tmp_path / "empty")]) == 0  # an empty folder is fine
 
 
+def test_a_link_to_the_source_is_the_source(tiny_vit_dir, tmp_path):
+    (tmp_path / "link").symlink_to(tiny_vit_dir, target_is_directory=True)
+    before = folder_state(tiny_vit_dir)
+    with pytest.raises(FileExistsError, match="would destroy the source"):
+        convert(tiny_vit_dir, tmp_path / "link", overwrite=True)
+    assert folder_state(tiny_vit_dir) == before
+
+
+def test_a_folder_filled_by_someone_else_during_the_conversion_is_kept(tiny_vit_dir, tmp_path, monkeypatch):
+    import bcos_hf.convert as conversion
+
+    write = conversion.Conversion._write
+
+    def racing(self, folder):
+        write(self, folder)
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(conversion.Conversion, "_write", racing)
+    with pytest.raises(FileExistsError, match="was kept"):
+        convert(tiny_vit_dir, tmp_path / "out")
+    assert folder_state(tmp_path / "out") == {"theirs.txt": b"theirs"}
+    assert not list(tmp_path.glob(f".out.*{STAGING_SUFFIX}"))
+
+
 def test_a_failed_write_leaves_nothing_behind(tiny_vit_dir, tmp_path, monkeypatch):
     """A full disk: the error says so, and neither the target nor a staging folder remains."""
     from safetensors import SafetensorError
