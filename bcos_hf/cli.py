@@ -132,8 +132,14 @@ def _run_explain(args: argparse.Namespace) -> None:
 
     from transformers import pipeline
 
-    from .guards import dump_json, unique_names
+    from .guards import dump_json, resolve_model_reference, unique_names
 
+    resolve_model_reference(args.model, "MODEL")  # a mistyped model folder first, then the images, then loading
+    missing = [
+        image for image in args.images if not image.startswith(("http://", "https://")) and not Path(image).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(f"No image file {', '.join(missing[:5])}: pass image files or http(s) URLs.")
     model, processor = load_classifier(args.model)
     explainer = pipeline("image-explanation", model=model, image_processor=processor)
     results = explainer(args.images, target=args.target, with_image=args.with_image, batch_size=args.batch_size)

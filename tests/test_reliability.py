@@ -336,13 +336,15 @@ def test_the_localisation_command_refuses_counts_below_one(tmp_path, capsys, arg
 # Errors that say what to do ----------------------------------------------------------------------------------
 
 
-def test_a_missing_local_path_is_named_as_such(tmp_path, capsys):
+def test_a_missing_local_path_is_named_as_such(tiny_vit_dir, tmp_path, capsys):
     for command in (
         ["convert", "./no-such-folder", str(tmp_path / "out")],
         ["explain", "/no/such", "a.png", "--out", "o"],
     ):
         assert main(command) == 2
         assert "There is no folder" in capsys.readouterr().err
+    assert main(["explain", str(tiny_vit_dir), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 2
+    assert "No image file" in capsys.readouterr().err
     assert main(["convert", "no-such-owner/no-such-model", str(tmp_path / "out")]) == 2
     assert "not a local folder, and the Hub could not provide it" in capsys.readouterr().err
 
