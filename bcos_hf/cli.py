@@ -252,7 +252,9 @@ def _run_align(args: argparse.Namespace) -> None:
     config = AutoConfig.from_pretrained(resolve_model_reference(args.model, "MODEL"), trust_remote_code=False)
     if not str(config.model_type).startswith("bcos"):
         raise ValueError(f"{args.model} is not a B-cos model (model_type {config.model_type!r}): convert it first.")
-    model_class = getattr(bcos_hf, (config.architectures or ["BcosForImageClassification"])[0])
+    model_class = getattr(bcos_hf, (config.architectures or ["BcosForImageClassification"])[0], None)
+    if not (isinstance(model_class, type) and issubclass(model_class, bcos_hf.BcosPreTrainedModel)):
+        raise ValueError(f"{args.model} names {config.architectures}, which is not a B-cos model class.")
     model = model_class.from_pretrained(args.model, dtype=torch.float32)
     teacher_source = args.teacher or config.source_checkpoint
     if not teacher_source:

@@ -77,7 +77,7 @@ def remove_leftovers(target: Path) -> list[Path]:
     """
     removed = []
     for suffix in (STAGING_SUFFIX, REPLACED_SUFFIX):
-        for leftover in target.parent.glob(f".{glob_escape(target.name)}.*{suffix}"):
+        for leftover in target.parent.glob(f".{_glob_escape(target.name)}.*{suffix}"):
             pid = leftover.name[len(target.name) + 2 :].split(".", 1)[0]
             if pid.isdigit() and not _process_alive(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -85,7 +85,7 @@ def remove_leftovers(target: Path) -> list[Path]:
     return removed
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     """``name`` with glob's special characters escaped."""
     return re.sub(r"([*?\[])", r"[\1]", name)
 

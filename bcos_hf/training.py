@@ -230,10 +230,15 @@ def source_with_labels(source: str | Path, labels: list[str]) -> PreTrainedModel
     The first step of fine-tuning on a new label set: convert the result with ``bcos_hf.convert.convert``
     (pass the source's image processor), then train it with ``BcosTrainer``.
     """
-    config = AutoConfig.from_pretrained(source)
-    model_class = getattr(transformers, (config.architectures or ["AutoModelForImageClassification"])[0])
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    name = (config.architectures or ["AutoModelForImageClassification"])[0]
+    model_class = getattr(transformers, name, None)
+    if not (isinstance(model_class, type) and hasattr(model_class, "from_pretrained")):
+        raise ValueError(f"{source} names {name!r}, which is not a transformers model class: bcos_hf loads only those.")
+    remote = {"trust_remote_code": False} if name.startswith("Auto") else {}
     return model_class.from_pretrained(
         source,
+        **remote,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: index for index, label in enumerate(labels)},
