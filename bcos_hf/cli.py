@@ -4,9 +4,41 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from .modeling.rewriting import UnsupportedModelError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN and infinity give models that output NaN or nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number; got {text!r}")
+    return value
+
+
+def class_target(text: str) -> int | str:
+    """``--target``: a class index (a whole number >= 0) or a label name."""
+    if text.lstrip("+-").isdigit():
+        if int(text) < 0:
+            raise argparse.ArgumentTypeError(f"a class index must be >= 0; got {text}")
+        return int(text)
+    return text
 
 
 def _add_convert(subparsers) -> None:
@@ -18,13 +50,20 @@ def _add_convert(subparsers) -> None:
     )
     parser.add_argument("source", help="hub id or local folder of a supported checkpoint")
     parser.add_argument("output_dir", help="folder to write the B-cos model to")
-    parser.add_argument("--b", type=float, default=2.0, help="B-cos exponent, >= 1 (default: 2)")
+    parser.add_argument("--b", type=finite_float, default=2.0, help="B-cos exponent, 1 to 10 (default: 2)")
     parser.add_argument("--keep-bias", action="store_true", help="keep the pretrained biases")
     parser.add_argument("--normalize-weights", action="store_true", help="unit-norm weights instead of raw ones")
-    parser.add_argument("--logit-bias", type=float, default=None, help="default: -log(C-1) without biases, else 0")
-    parser.add_argument("--logit-temperature", type=float, default=1.0, help="logits are divided by it (default 1)")
-    parser.add_argument("--image-mean", type=float, nargs=3, default=None, help="override the source's mean")
-    parser.add_argument("--image-std", type=float, nargs=3, default=None, help="override the source's std")
+    parser.add_argument(
+        "--logit-bias", type=finite_float, default=None, help="default: -log(C-1) without biases, else 0"
+    )
+    parser.add_argument(
+        "--logit-temperature", type=finite_float, default=1.0, help="logits are divided by it (default 1)"
+    )
+    parser.add_argument("--image-mean", type=finite_float, nargs=3, default=None, help="override the source's mean")
+    parser.add_argument(
+        "--image-std", type=finite_float, nargs=3, default=None, help="override the source's std (with --image-mean)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
     parser.set_defaults(handler=_run_convert)
 
 
@@ -41,6 +80,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         logit_temperature=args.logit_temperature,
         image_mean=args.image_mean,
         image_std=args.image_std,
+        overwrite=args.overwrite,
     )
     report = conversion.report
     print(
@@ -62,35 +102,59 @@ def _add_explain(subparsers) -> None:
     parser.add_argument("model", help="folder (or hub id) of a converted B-cos image classifier")
     parser.add_argument("images", nargs="+", help="image paths or URLs")
     parser.add_argument("--out", required=True, help="folder to write the pictures and summary.json to")
-    parser.add_argument("--target", default=None, help="label name or class index to explain (default: predicted)")
+    parser.add_argument(
+        "--target", type=class_target, default=None, help="label name or class index to explain (default: predicted)"
+    )
     parser.add_argument("--with-image", action="store_true", help="put each image left of its explanation")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward/backward (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward/backward (default 8)")
     parser.set_defaults(handler=_run_explain)
 
 
+def load_classifier(reference: str):
+    """A B-cos image classifier and its image processor from a folder or Hub id, never running the folder's code
+    (its own saved image processor could ask to)."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from .guards import resolve_model_reference
+
+    reference = resolve_model_reference(reference, "MODEL")
+    model = AutoModelForImageClassification.from_pretrained(reference, trust_remote_code=False).eval()
+    if not hasattr(model, "explain"):
+        raise ValueError(
+            f"{reference} holds a {type(model).__name__}, not a B-cos model: convert it first "
+            "(bcos-hf convert SOURCE OUTPUT_DIR)."
+        )
+    return model, AutoImageProcessor.from_pretrained(reference, trust_remote_code=False)
+
+
 def _run_explain(args: argparse.Namespace) -> None:
-    import json
     from pathlib import Path
 
     from transformers import pipeline
 
-    target = int(args.target) if args.target is not None and args.target.isdigit() else args.target
-    explainer = pipeline("image-explanation", model=args.model)
-    results = explainer(args.images, target=target, with_image=args.with_image, batch_size=args.batch_size)
+    from .guards import dump_json, resolve_model_reference, unique_names
+
+    resolve_model_reference(args.model, "MODEL")  # a mistyped model folder first, then the images, then loading
+    missing = [
+        image for image in args.images if not image.startswith(("http://", "https://")) and not Path(image).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(f"No image file {', '.join(missing[:5])}: pass image files or http(s) URLs.")
+    model, processor = load_classifier(args.model)
+    explainer = pipeline("image-explanation", model=model, image_processor=processor)
+    results = explainer(args.images, target=args.target, with_image=args.with_image, batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary, used = [], set()
-    for image, result in zip(args.images, results, strict=True):
-        name = Path(image.split("?")[0]).stem or "image"
-        name = name if name not in used else f"{name}_{len(used)}"
-        used.add(name)
+    names = unique_names([Path(image.split("?")[0]).stem or "image" for image in args.images])
+    summary = []
+    for image, name, result in zip(args.images, names, results, strict=True):
         result["explanation"].save(out / f"{name}_explanation.png")
         result["heatmap"].save(out / f"{name}_heatmap.png")
         entry = {key: result[key] for key in ("label", "score", "target", "logit", "residual")}
         entry.update(image=image, explanation=f"{name}_explanation.png", heatmap=f"{name}_heatmap.png")
         summary.append(entry)
         print(f"{image}: {result['label']} ({result['score']:.3f}); explained {result['target']} -> {out / name}_*.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(dump_json(summary) + "\n")
 
 
 def _add_localisation(subparsers) -> None:
@@ -103,27 +167,29 @@ def _add_localisation(subparsers) -> None:
     parser.add_argument("model", help="folder (or hub id) of a converted B-cos image classifier")
     parser.add_argument("dataset", help="imagefolder tree (one folder per class) or a save_to_disk dataset")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--grid", type=int, nargs="+", default=[2, 3], help="cells per side (default: 2 3)")
-    parser.add_argument("--num-grids", type=int, default=500, help="grids per size (default 500)")
+    parser.add_argument(
+        "--grid", type=positive_int, nargs="+", default=[2, 3], help="cells per side, >= 2 (default: 2 3)"
+    )
+    parser.add_argument("--num-grids", type=positive_int, default=500, help="grids per size (default 500)")
     parser.add_argument("--methods", nargs="+", default=["bcos", "ixg", "gradcam"], help="bcos, ixg, gradcam, random")
     parser.add_argument("--seed", type=int, default=0, help="seed of the grid sampling (default 0)")
-    parser.add_argument("--confidence", type=float, default=0.5, help="sigmoid(logit) threshold (default 0.5)")
-    parser.add_argument("--smoothing", type=int, default=15, help="average-pooling window, 1 = none (default 15)")
+    parser.add_argument("--confidence", type=finite_float, default=0.5, help="sigmoid(logit) threshold (default 0.5)")
+    parser.add_argument(
+        "--smoothing", type=positive_int, default=15, help="average-pooling window, odd, 1 = none (default 15)"
+    )
     parser.add_argument(
         "--sliding-window", choices=["auto", "on", "off"], default="auto", help="auto: for position-embedding models"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward/backward (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward/backward (default 32)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.set_defaults(handler=_run_localisation)
 
 
 def _run_localisation(args: argparse.Namespace) -> None:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
     from .localisation import ImageDataset, format_results, grid_pointing_game, save_results
 
-    model = AutoModelForImageClassification.from_pretrained(args.model).eval()
-    data = ImageDataset(args.dataset, AutoImageProcessor.from_pretrained(args.model), args.split, model.config.id2label)
+    model, processor = load_classifier(args.model)
+    data = ImageDataset(args.dataset, processor, args.split, model.config.id2label)
     sliding = {"auto": None, "on": True, "off": False}[args.sliding_window]
     results = []
     for grid in args.grid:
@@ -157,12 +223,12 @@ def _add_align(subparsers) -> None:
     parser.add_argument("images", help="a folder of images (any sub-folders), or a saved datasets.Dataset")
     parser.add_argument("output_dir", help="folder to save the aligned model to")
     parser.add_argument("--teacher", help="the original model (default: the source recorded at conversion)")
-    parser.add_argument("--max-steps", type=int, default=600, help="optimiser steps (default 600)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per step (default 32)")
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: the recipe's (1e-3)")
+    parser.add_argument("--max-steps", type=positive_int, default=600, help="optimiser steps (default 600)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step (default 32)")
+    parser.add_argument("--learning-rate", type=finite_float, default=None, help="default: the recipe's (1e-3)")
     parser.add_argument(
         "--calibration-batches",
-        type=int,
+        type=positive_int,
         default=8,
         help="BatchNorm networks: batches to re-estimate running statistics on before training (default 8)",
     )
@@ -180,18 +246,30 @@ def _run_align(args: argparse.Namespace) -> None:
 
     from .alignment import alignment_arguments, calibrate_batchnorm, has_batchnorm
     from .data import ImageClassificationCollator, load_image_dataset
+    from .guards import resolve_model_reference
     from .training import BcosTrainer
 
-    config = AutoConfig.from_pretrained(args.model)
+    config = AutoConfig.from_pretrained(resolve_model_reference(args.model, "MODEL"), trust_remote_code=False)
     if not str(config.model_type).startswith("bcos"):
         raise ValueError(f"{args.model} is not a B-cos model (model_type {config.model_type!r}): convert it first.")
-    model_class = getattr(bcos_hf, (config.architectures or ["BcosForImageClassification"])[0])
+    model_class = getattr(bcos_hf, (config.architectures or ["BcosForImageClassification"])[0], None)
+    if not (isinstance(model_class, type) and issubclass(model_class, bcos_hf.BcosPreTrainedModel)):
+        raise ValueError(f"{args.model} names {config.architectures}, which is not a B-cos model class.")
     model = model_class.from_pretrained(args.model, dtype=torch.float32)
     teacher_source = args.teacher or config.source_checkpoint
     if not teacher_source:
         raise ValueError("The model does not record the checkpoint it was converted from: pass --teacher.")
-    teacher = getattr(transformers, config.source_architecture).from_pretrained(teacher_source, dtype=torch.float32)
-    processor = AutoImageProcessor.from_pretrained(args.model)
+    teacher_class = getattr(transformers, config.source_architecture or "", None)
+    if not (isinstance(teacher_class, type) and issubclass(teacher_class, transformers.PreTrainedModel)):
+        raise ValueError(f"The model records no transformers source class ({config.source_architecture!r}).")
+    teacher_source = resolve_model_reference(teacher_source, "the teacher")
+    teacher, loading = teacher_class.from_pretrained(teacher_source, dtype=torch.float32, output_loading_info=True)
+    if loading.get("missing_keys"):
+        raise ValueError(
+            f"The teacher {teacher_source} lacks weights of a {teacher_class.__name__} "
+            f"({', '.join(sorted(loading['missing_keys'])[:5])}): pass the original checkpoint with --teacher."
+        )
+    processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=False)
     images = load_image_dataset(args.images)
     images = images.remove_columns([c for c in images.column_names if c not in {"image", "img"}])
     if len(images) == 0:
@@ -227,11 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from safetensors import SafetensorError
+
     import bcos_hf  # noqa: F401  (registers the Auto classes)
 
     try:
         args.handler(args)
-    except (UnsupportedModelError, ValueError, OSError) as error:
+    except (UnsupportedModelError, ValueError, OSError, SafetensorError) as error:
         print(f"bcos-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

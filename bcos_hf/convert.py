@@ -10,7 +10,6 @@ source (the equivalence check, run on every conversion), and optionally saves a 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -19,11 +18,19 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, PreTrainedModel
 
+from .guards import atomic_folder, check_output_folder, dump_json, resolve_model_reference
 from .model_card import render_model_card
 from .modeling.adapters import get_adapter
-from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
+from .modeling.bcos_layers import check_b, check_logit_layer
+from .modeling.modeling_bcos import (
+    BcosForImageClassification,
+    BcosModel,
+    BcosPreTrainedModel,
+    non_finite_parameters,
+)
 from .modeling.modeling_bcos_clip import BcosCLIPModel, BcosSiglipModel
 from .modeling.rewriting import (
     ArchitectureAdapter,
@@ -78,7 +85,7 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return dump_json(asdict(self))
 
 
 @dataclass
@@ -92,6 +99,51 @@ class Conversion:
     image_processor: object | None
     report: ConversionReport
     processor: object | None = None
+    started: float | None = field(default=None, repr=False)
+    """``time.perf_counter()`` when the conversion began: saving sets ``report.seconds`` from it."""
+
+    def save_pretrained(self, output_dir: str | Path, overwrite: bool = False) -> Path:
+        """Save the model, its processor, the model code, a model card and ``conversion_report.json``.
+
+        Atomic: everything is written to a staging folder beside ``output_dir`` that is renamed to it only when
+        complete. An existing non-empty ``output_dir`` is refused unless ``overwrite``; the source checkpoint's
+        folder (``report.source``) is refused always. A failed write (e.g. a full disk) leaves nothing behind.
+        """
+        self.report.output_dir = str(output_dir)
+        try:
+            with atomic_folder(output_dir, overwrite, protected=[self.report.source]) as staging:
+                self._write(staging)
+        except (FileExistsError, FileNotFoundError, NotADirectoryError):
+            raise
+        except (OSError, SafetensorError, RuntimeError) as error:
+            raise OSError(
+                f"Could not write the converted model to {output_dir}: {error}. Nothing was written there; free "
+                "some disk space or choose another folder, and convert again."
+            ) from error
+        return Path(output_dir)
+
+    def _write(self, folder: Path) -> None:
+        model_class = type(self.model)
+        self.model.save_pretrained(folder)
+        if self.processor is not None:
+            self.processor.save_pretrained(folder)
+        elif "text" in model_class.input_modalities:
+            self.report.notes.append(
+                "The source has no processor with a tokenizer: none was saved, so pipelines need one."
+            )
+        if self.image_processor is not None and self.processor is None:
+            self.image_processor.save_pretrained(folder)
+        elif self.image_processor is None:
+            self.report.notes.append("The source has no image processor: none was saved, so pipelines need one passed.")
+        if self.started is not None:
+            self.report.seconds = round(time.perf_counter() - self.started, 3)
+        (folder / REPORT_FILE).write_text(self.report.to_json() + "\n")
+        model_id = Path(self.report.output_dir or folder).name
+        (folder / "README.md").write_text(
+            render_model_card(
+                self.model.config, report=asdict(self.report), model_id=self.report.output_dir or model_id
+            )
+        )
 
 
 def _bcos_hf_version() -> str:
@@ -113,18 +165,6 @@ def _task_for(model: PreTrainedModel, adapter: ArchitectureAdapter) -> str:
             f"got {name}."
         )
     return task
-
-
-def _load_source(source: str, adapter: ArchitectureAdapter, config) -> PreTrainedModel:
-    """Load the checkpoint with the class its config names (the backbone class when it names none)."""
-    architectures = list(config.architectures or [adapter.model_classes.get("base")])
-    class_name = architectures[0]
-    if adapter.task_of(class_name) is None:
-        raise UnsupportedModelError(
-            f"{source} is a {class_name}; bcos_hf converts these {adapter.model_type} classes: "
-            f"{_supported_classes(adapter)}."
-        )
-    return getattr(transformers, class_name).from_pretrained(source, dtype=torch.float32)
 
 
 def _image_size(config, image_processor) -> tuple[int, int]:
@@ -167,10 +207,147 @@ def _load_processor(source: str | PreTrainedModel, model_class: type[BcosPreTrai
     if "text" not in model_class.input_modalities or isinstance(source, PreTrainedModel):
         return None
     try:
-        return AutoProcessor.from_pretrained(str(source))
+        return AutoProcessor.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError) as error:
         logger.info("No processor in %s: %s", source, error)
         return None
+
+
+def check_parameters(
+    b: float, logit_bias: float | None, logit_temperature: float, image_mean, image_std
+) -> tuple[float, float | None, float]:
+    """The one check of ``convert``'s numbers, before anything is loaded: B in [1, 10], a finite logit bias,
+    a finite positive temperature, and the mean and std given together (one without the other is an error,
+    not silently ignored)."""
+    b = check_b(b)
+    bias, temperature = check_logit_layer(0.0 if logit_bias is None else logit_bias, logit_temperature)
+    if (image_mean is None) != (image_std is None):
+        given, missing = ("image_mean", "image_std") if image_std is None else ("image_std", "image_mean")
+        raise ValueError(
+            f"{given} was given without {missing}: the normalisation needs both (CLI: --image-mean and --image-std, "
+            "3 values each), or neither to take the source's image processor's."
+        )
+    return b, (None if logit_bias is None else bias), temperature
+
+
+def resolve_source(
+    source: str | Path | PreTrainedModel, image_processor
+) -> tuple[PreTrainedModel, str, ArchitectureAdapter, object | None]:
+    """The source model (a float32 copy in eval mode), its name, its adapter and its image processor.
+
+    A folder or Hub id is loaded with the class its config names (the backbone class when it names none),
+    never running code from the folder; the image processor is read from it when none is given.
+    """
+    if isinstance(source, PreTrainedModel):
+        adapter = get_adapter(source.config.model_type)
+        return (
+            copy.deepcopy(source).float().eval(),
+            source.name_or_path or type(source).__name__,
+            adapter,
+            image_processor,
+        )
+    name = resolve_model_reference(source, "the source")
+    config = _read(name, "config", lambda: AutoConfig.from_pretrained(name, trust_remote_code=False))
+    if config.model_type in {bcos_class.config_class.model_type for bcos_class in BCOS_CLASSES.values()}:
+        raise UnsupportedModelError(f"{name} is already a B-cos model; load it with from_pretrained.")
+    adapter = get_adapter(config.model_type)
+    class_name = (config.architectures or [adapter.model_classes.get("base")])[0]
+    if adapter.task_of(class_name) is None:
+        raise UnsupportedModelError(
+            f"{name} is a {class_name}; bcos_hf converts these {adapter.model_type} classes: "
+            f"{_supported_classes(adapter)}."
+        )
+    logger.info("Loading %s", name)
+    model_class = getattr(transformers, class_name)
+    model, info = _read(
+        name, "weights", lambda: model_class.from_pretrained(name, dtype=torch.float32, output_loading_info=True)
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would initialise them randomly, and the conversion would carry them on
+        raise ValueError(
+            f"{name} lacks {len(missing)} weights of its {class_name} ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}): they would be random. Save or download the checkpoint again."
+        )
+    if image_processor is None:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
+        except (OSError, ValueError) as error:
+            logger.info("No image processor in %s: %s", name, error)
+    return model.eval(), name, adapter, image_processor
+
+
+def _read(name: str, what: str, load):
+    """Run ``load``; a failure to read becomes an OSError that says what could not be read and what to do."""
+    try:
+        return load()
+    except (UnsupportedModelError, ValueError):
+        raise
+    except (OSError, SafetensorError, RuntimeError) as error:
+        local = Path(name).exists()
+        hint = (
+            "The files may be truncated or corrupt: save or download the checkpoint again."
+            if local
+            else "It is not a local folder, and the Hub could not provide it: check the id and the connection "
+            "(or HF_HUB_OFFLINE)."
+        )
+        reason = (str(error).splitlines() or [type(error).__name__])[0].rstrip(".")
+        raise OSError(f"Could not read the {what} of {name}: {reason}. {hint}") from error
+
+
+def input_normalisation(source_name: str, image_processor, image_mean, image_std) -> tuple[list[float], list[float]]:
+    """The source's input mean and std: those given, else its image processor's (none if it does not
+    normalise); 3 finite values each, std > 0."""
+    if image_mean is None:
+        if image_processor is None:
+            raise ValueError(
+                f"No image processor found for {source_name}, so its input normalisation is unknown. Pass "
+                "image_processor=..., or image_mean=[...] and image_std=[...] (CLI: --image-mean/--image-std)."
+            )
+        normalizes = getattr(image_processor, "do_normalize", False)
+        image_mean = list(image_processor.image_mean) if normalizes else [0.0, 0.0, 0.0]
+        image_std = list(image_processor.image_std) if normalizes else [1.0, 1.0, 1.0]
+    mean, std = [float(v) for v in image_mean], [float(v) for v in image_std]
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ValueError(f"image_mean and image_std need 3 finite values each, std > 0; got {mean}, {std}.")
+    return mean, std
+
+
+def probe_batch(config, image_processor) -> torch.Tensor:
+    """The fixed batch of seeded random images in [0, 1] the equivalence check runs on."""
+    height, width = _image_size(config, image_processor)
+    generator = torch.Generator().manual_seed(EQUIVALENCE_SEED)
+    return torch.rand(EQUIVALENCE_BATCH, 3, height, width, generator=generator)
+
+
+def rewrite_checked(
+    source_model: PreTrainedModel,
+    adapter: ArchitectureAdapter,
+    mean,
+    std,
+    probe: torch.Tensor,
+    requested: RewriteOptions,
+) -> tuple[PreTrainedModel, float]:
+    """Rewrite ``source_model`` in place with ``requested`` and return it with the equivalence gap: the largest
+    |difference| between the source's output and the B = 1, biases-kept rewrite's on ``probe``."""
+    expected = _source_output(source_model, probe, mean, std)
+    if not torch.isfinite(expected).all():
+        broken = non_finite_parameters(source_model)
+        raise ValueError(
+            "The source model's output on images in [0, 1] holds NaN or infinity"
+            + (f": its weights do ({', '.join(broken[:5])})" if broken else "")
+            + ". Convert a checkpoint that works."
+        )
+    equivalence = RewriteOptions(b=1.0, keep_bias=True, normalize_weights=False, adapter=adapter)
+    if requested == equivalence:
+        _rewrite(source_model, adapter, mean, std, requested)
+        actual = _bcos_output(source_model, probe)
+    else:
+        equivalent = copy.deepcopy(source_model)
+        _rewrite(equivalent, adapter, mean, std, equivalence)
+        actual = _bcos_output(equivalent, probe)
+        del equivalent
+        _rewrite(source_model, adapter, mean, std, requested)
+    return source_model, float((expected - actual).abs().max())
 
 
 def _rewrite(model: PreTrainedModel, adapter: ArchitectureAdapter, mean, std, options: RewriteOptions) -> None:
@@ -178,8 +355,50 @@ def _rewrite(model: PreTrainedModel, adapter: ArchitectureAdapter, mean, std, op
     bcosify(model, adapter, options)
 
 
+def default_logit_bias(network: PreTrainedModel, task: str, keep_bias: bool) -> float:
+    """The recipe's starting point: ``-log(C - 1)`` for C > 2 classes without biases (every class at
+    probability 1/C under the BCE loss), else 0."""
+    num_labels = len(network.config.id2label or {}) if task == "image-classification" else 0
+    return -math.log(num_labels - 1) if (num_labels > 2 and not keep_bias) else 0.0
+
+
+def build_model(
+    network: PreTrainedModel, model_class: type[BcosPreTrainedModel], options: RewriteOptions, **recorded
+) -> BcosPreTrainedModel:
+    """Wrap the rewritten ``network`` in its B-cos class, with a config that rebuilds it bit for bit; refuse a
+    result with NaN or infinite weights."""
+    config = model_class.config_class(
+        source_config=network.config,
+        b=options.b,
+        keep_bias=options.keep_bias,
+        normalize_weights=options.normalize_weights,
+        bcos_hf_version=_bcos_hf_version(),
+        **recorded,
+    )
+    model = model_class(config, network=network).eval()
+    broken = non_finite_parameters(model)
+    if broken:
+        raise ValueError(
+            f"The converted model has NaN or infinite weights ({', '.join(broken[:5])}): the source's weights or "
+            "the normalisation are not finite. Nothing was saved."
+        )
+    return model
+
+
+def _processors(source, model_class: type[BcosPreTrainedModel], image_processor) -> tuple[object | None, object | None]:
+    """The image processor with normalisation off (it is folded into the model) and, for image-text models, the
+    source's full processor carrying it."""
+    if image_processor is not None:
+        image_processor = copy.deepcopy(image_processor)
+        image_processor.do_normalize = False
+    processor = _load_processor(source, model_class)
+    if processor is not None:
+        processor.image_processor = image_processor
+    return image_processor, processor
+
+
 def convert(
-    source: str | PreTrainedModel,
+    source: str | Path | PreTrainedModel,
     output_dir: str | Path | None = None,
     *,
     b: float = 2.0,
@@ -190,6 +409,7 @@ def convert(
     image_processor=None,
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
+    overwrite: bool = False,
 ) -> Conversion:
     """Convert a checkpoint of a supported family (see ``ADAPTERS``) into a B-cos model.
 
@@ -198,9 +418,9 @@ def convert(
             changed). A ``...Model`` backbone becomes a ``BcosModel``, a ``...ForImageClassification`` a
             ``BcosForImageClassification``, a ``CLIPModel`` (``SiglipModel``) a ``BcosCLIPModel``
             (``BcosSiglipModel``) whose text tower stays the original (see ``BCOS_CLASSES``).
-        output_dir: if given, save the model, its image processor, the remote code, a model card and
-            ``conversion_report.json`` there.
-        b: the B-cos exponent (>= 1). ``b=1, keep_bias=True`` is the equivalence mode: the converted model
+        output_dir: if given, save the model there (``Conversion.save_pretrained``: atomic, never over the
+            source, an existing non-empty folder only with ``overwrite``).
+        b: the B-cos exponent (1 to 10). ``b=1, keep_bias=True`` is the equivalence mode: the converted model
             computes exactly what the source computes. The default (B = 2, no biases) is the model to fine-tune.
         keep_bias: keep the pretrained biases.
         normalize_weights: use unit-norm weights instead of the raw pretrained ones.
@@ -208,95 +428,39 @@ def convert(
             removed (the recipe's BCE starting point) and 0 when they are kept.
         logit_temperature: the logits are divided by it.
         image_processor: the source's image processor, when ``source`` is a model or has none saved.
-        image_mean, image_std: the source's input normalisation, overriding the processor's.
+        image_mean, image_std: the source's input normalisation, overriding the processor's (both or neither).
+        overwrite: replace an existing non-empty ``output_dir``.
 
     Returns:
         A ``Conversion`` with the model, the image processor (normalisation off) and the report.
     """
     started = time.perf_counter()
-    b = float(b)
-    if not b >= 1:
-        raise ValueError(f"b must be >= 1 (1 = plain linear, 2 = the usual B-cos model); got {b}.")
-
-    if isinstance(source, PreTrainedModel):
-        source_name = source.name_or_path or type(source).__name__
-        adapter = get_adapter(source.config.model_type)
-        source_model = copy.deepcopy(source).float()
-    else:
-        source_name = str(source)
-        config = AutoConfig.from_pretrained(source_name)
-        if config.model_type in {bcos_class.config_class.model_type for bcos_class in BCOS_CLASSES.values()}:
-            raise UnsupportedModelError(f"{source_name} is already a B-cos model; load it with from_pretrained.")
-        adapter = get_adapter(config.model_type)
-        logger.info("Loading %s", source_name)
-        source_model = _load_source(source_name, adapter, config)
-        if image_processor is None:
-            try:
-                image_processor = AutoImageProcessor.from_pretrained(source_name)
-            except (OSError, ValueError) as error:
-                logger.info("No image processor in %s: %s", source_name, error)
-    source_model.eval()
+    b, logit_bias, logit_temperature = check_parameters(b, logit_bias, logit_temperature, image_mean, image_std)
+    if output_dir is not None:  # refuse a bad target before the work, not after it
+        check_output_folder(output_dir, overwrite, [source] if isinstance(source, (str, Path)) else [])
+    source_model, source_name, adapter, image_processor = resolve_source(source, image_processor)
     task = _task_for(source_model, adapter)
     model_class = BCOS_CLASSES[task]
     source_architecture = type(source_model).__name__
-
-    if image_mean is None or image_std is None:
-        if image_processor is None:
-            raise ValueError(
-                f"No image processor found for {source_name}, so its input normalisation is unknown. Pass "
-                "image_processor=..., or image_mean=[...] and image_std=[...] (CLI: --image-mean/--image-std)."
-            )
-        normalizes = getattr(image_processor, "do_normalize", False)
-        image_mean = list(image_processor.image_mean) if normalizes else [0.0, 0.0, 0.0]
-        image_std = list(image_processor.image_std) if normalizes else [1.0, 1.0, 1.0]
-    image_mean, image_std = [float(v) for v in image_mean], [float(v) for v in image_std]
-    if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
-        raise ValueError(f"image_mean and image_std need 3 values each, std > 0; got {image_mean}, {image_std}.")
-
-    height, width = _image_size(source_model.config, image_processor)
-    generator = torch.Generator().manual_seed(EQUIVALENCE_SEED)
-    probe = torch.rand(EQUIVALENCE_BATCH, 3, height, width, generator=generator)
-
-    equivalence = RewriteOptions(b=1.0, keep_bias=True, normalize_weights=False, adapter=adapter)
-    requested = RewriteOptions(b=b, keep_bias=keep_bias, normalize_weights=normalize_weights, adapter=adapter)
-    expected = _source_output(source_model, probe, image_mean, image_std)
-    network = source_model
-    if requested == equivalence:
-        _rewrite(network, adapter, image_mean, image_std, requested)
-        actual = _bcos_output(network, probe)
-    else:
-        equivalent = copy.deepcopy(source_model)
-        _rewrite(equivalent, adapter, image_mean, image_std, equivalence)
-        actual = _bcos_output(equivalent, probe)
-        del equivalent
-        _rewrite(network, adapter, image_mean, image_std, requested)
-    gap = float((expected - actual).abs().max())
-
-    num_labels = len(network.config.id2label or {}) if task == "image-classification" else 0
+    mean, std = input_normalisation(source_name, image_processor, image_mean, image_std)
+    probe = probe_batch(source_model.config, image_processor)
+    options = RewriteOptions(b=b, keep_bias=keep_bias, normalize_weights=normalize_weights, adapter=adapter)
+    is_image_text = hasattr(source_model, "get_image_features")
+    network, gap = rewrite_checked(source_model, adapter, mean, std, probe, options)
     if logit_bias is None:
-        logit_bias = -math.log(num_labels - 1) if (num_labels > 2 and not keep_bias) else 0.0
-    config = model_class.config_class(
-        source_config=network.config,
-        b=b,
-        keep_bias=keep_bias,
-        normalize_weights=normalize_weights,
-        input_mean=image_mean,
-        input_std=image_std,
-        logit_bias=float(logit_bias),
-        logit_temperature=float(logit_temperature),
+        logit_bias = default_logit_bias(network, task, keep_bias)
+    model = build_model(
+        network,
+        model_class,
+        options,
+        input_mean=mean,
+        input_std=std,
+        logit_bias=logit_bias,
+        logit_temperature=logit_temperature,
         source_checkpoint=source_name,
         source_architecture=source_architecture,
-        bcos_hf_version=_bcos_hf_version(),
     )
-    model = model_class(config, network=network).eval()
-
-    if image_processor is not None:
-        image_processor = copy.deepcopy(image_processor)
-        image_processor.do_normalize = False
-    processor = _load_processor(source, model_class)
-    if processor is not None:
-        processor.image_processor = image_processor
-
+    image_processor, processor = _processors(source, model_class, image_processor)
     report = ConversionReport(
         source=source_name,
         source_architecture=source_architecture,
@@ -309,26 +473,12 @@ def convert(
         equivalence_inputs=list(probe.shape),
         seconds=0.0,
         bcos_hf_version=_bcos_hf_version(),
-        output_dir=str(output_dir) if output_dir is not None else None,
     )
-    if hasattr(source_model, "get_image_features"):
+    if is_image_text:
         report.notes.append(IMAGE_TEXT_NOTE)
+    conversion = Conversion(model, image_processor, report, processor, started=started)
     if output_dir is not None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(output_dir)
-        if processor is not None:
-            processor.save_pretrained(output_dir)
-        elif "text" in model_class.input_modalities:
-            report.notes.append("The source has no processor with a tokenizer: none was saved, so pipelines need one.")
-        if image_processor is not None and processor is None:
-            image_processor.save_pretrained(output_dir)
-        elif image_processor is None:
-            report.notes.append("The source has no image processor: none was saved, so pipelines need one passed.")
-    report.seconds = round(time.perf_counter() - started, 3)
-    if output_dir is not None:
-        (output_dir / REPORT_FILE).write_text(report.to_json() + "\n")
-        (output_dir / "README.md").write_text(
-            render_model_card(model.config, report=asdict(report), model_id=str(output_dir))
-        )
-    return Conversion(model=model, image_processor=image_processor, report=report, processor=processor)
+        conversion.save_pretrained(output_dir, overwrite=overwrite)
+    else:
+        report.seconds = round(time.perf_counter() - started, 3)
+    return conversion

@@ -38,10 +38,34 @@ IMAGE_COLUMNS = ("image", "img", "pixel_values")
 
 
 def to_rgb(image) -> Image.Image:
-    """A PIL RGB image from a PIL image of any mode (grey, RGBA, palette) or an (H, W[, C]) uint8 array."""
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image))
+    """A PIL RGB image from a PIL image of any mode (grey, RGBA, palette, 16-bit, float) or an (H, W[, C]) array.
+
+    PIL's own conversion clips float ('F') images to 0..255 as they are, so images in [0, 1] would turn
+    black: float images in [0, 1] are scaled by 255, float images in [0, 255] kept, 16-bit integer images
+    above 255 divided by 257; anything else (negative, NaN, larger) is an error.
+    """
+    if isinstance(image, Image.Image) and image.mode in ("F", "I", "I;16", "I;16B", "I;16L", "I;16N"):
+        image = _to_eight_bit(np.asarray(image), is_float=image.mode == "F")
+    elif not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        image = _to_eight_bit(array, array.dtype.kind == "f") if array.dtype != np.uint8 else Image.fromarray(array)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_eight_bit(values: np.ndarray, is_float: bool) -> Image.Image:
+    """8-bit image of a float or wide-integer array, by its range (see ``to_rgb``)."""
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("The image holds NaN or infinite values: check how it was made or decoded.")
+    low, high = values.min(initial=0.0), values.max(initial=0.0)
+    scales = ((1.0, 255.0), (255.0, 1.0)) if is_float else ((255.0, 1.0), (65535.0, 1 / 257))
+    scale = next((factor for limit, factor in scales if high <= limit), None)
+    if low < 0 or scale is None:
+        raise ValueError(
+            f"The image's values run from {low:g} to {high:g}; expected [0, 1] or [0, 255] (float images) or "
+            "[0, 65535] (16-bit images). Rescale it, or save it as an 8-bit RGB image."
+        )
+    return Image.fromarray(np.round(values * scale).astype(np.uint8))
 
 
 def _pick_column(columns, candidates: tuple[str, ...], wanted: str | None) -> str | None:

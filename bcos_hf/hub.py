@@ -202,7 +202,7 @@ def saved_image_processor(model):
         return None
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(folder)
+    return AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)
 
 
 def push_model_to_hub(

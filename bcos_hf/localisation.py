@@ -16,7 +16,6 @@ From the command line: ``bcos-hf localisation MODEL DATASET --grid 2 3 --methods
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import to_rgb
+from .guards import dump_json
 from .modeling.explainable import explanation_mode
 from .modeling.explanation_bcos import explain_scores
 
@@ -168,9 +169,9 @@ class ImageDataset:
     ``source``: a ``(images, labels)`` pair of tensors (N x 3 x H x W in [0, 1], N), a ``datasets.Dataset``
     (its image column and ClassLabel column are found by type), or a folder (an ``imagefolder`` tree of one
     sub-folder per class, or a dataset saved with ``save_to_disk``). Datasets go through ``image_processor``
-    (the one saved with the B-cos model: no normalisation). When the dataset's class names are all among the
-    model's labels (``id2label``), labels are matched by name (an imagefolder numbers its classes
-    alphabetically); otherwise the dataset's label ids are taken to be the model's.
+    (the one saved with the B-cos model: no normalisation). Labels are matched to the model's (``id2label``)
+    by name (an imagefolder numbers its classes alphabetically); a class name the model does not have is an
+    error. Only a model with generic labels (``LABEL_0``, ...) takes the dataset's label ids as its own.
     """
 
     def __init__(self, source, image_processor=None, split: str = "train", id2label: dict | None = None) -> None:
@@ -190,6 +191,15 @@ class ImageDataset:
         model_ids = {str(name): int(index) for index, name in (id2label or {}).items()}
         if names and all(name in model_ids for name in names):
             self.to_model_label = {index: model_ids[name] for index, name in enumerate(names)}
+        elif any(name != f"LABEL_{index}" for name, index in model_ids.items()):
+            unknown = [name for name in names if name not in model_ids]
+            raise ValueError(
+                f"The dataset's classes {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not among the model's "
+                f"labels {list(model_ids)[:10]}: name the dataset's classes (its class folders) after the model's "
+                "labels, so that each image is scored for its own class."
+            )
+        if len(source) == 0:
+            raise ValueError("The dataset holds no images.")
 
     def __len__(self) -> int:
         return len(self.labels) if self.dataset is None else len(self.dataset)
@@ -199,7 +209,7 @@ class ImageDataset:
         if self.dataset is None:
             return self.images[list(indices)].float(), torch.as_tensor(self.labels)[list(indices)]
         rows = self.dataset[list(indices)]
-        images = [image.convert("RGB") for image in rows[self.image_column]]
+        images = [to_rgb(image) for image in rows[self.image_column]]
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
         labels = rows[self.label_column]
         if self.to_model_label is not None:
@@ -210,6 +220,8 @@ class ImageDataset:
 def _load_dataset(path: Path, split: str):
     import datasets
 
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: expected class folders of images or a saved dataset.")
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         loaded = datasets.load_from_disk(str(path))
     else:
@@ -354,6 +366,25 @@ def uses_fixed_resolution(model: nn.Module) -> bool:
     )
 
 
+def check_protocol(grid: int, num_grids: int, confidence: float, smoothing: int, batch_size: int) -> None:
+    """Raise a ValueError that says what is expected when a GridPG setting cannot give a meaningful score."""
+    problems = []
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        problems.append(f"grid must be a whole number >= 2 (cells per side; 1 cell always scores 1); got {grid!r}")
+    if isinstance(num_grids, bool) or not isinstance(num_grids, int) or num_grids < 1:
+        problems.append(f"num_grids must be a whole number >= 1; got {num_grids!r}")
+    if not 0 <= confidence < 1:
+        problems.append(f"confidence must lie in [0, 1) (a sigmoid threshold); got {confidence!r}")
+    if isinstance(smoothing, bool) or not isinstance(smoothing, int) or smoothing < 1 or smoothing % 2 == 0:
+        problems.append(
+            f"smoothing must be an odd whole number >= 1 (1: none; the window is centred); got {smoothing!r}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"batch_size must be a whole number >= 1; got {batch_size!r}")
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
+
+
 def grid_pointing_game(
     model: nn.Module,
     dataset,
@@ -382,6 +413,7 @@ def grid_pointing_game(
         sliding_window: explain tile-sized windows with stride half a tile and sum them back; None decides by
             ``uses_fixed_resolution``.
     """
+    check_protocol(grid, num_grids, confidence, smoothing, batch_size)
     data = dataset
     if not isinstance(dataset, ImageDataset):
         data = ImageDataset(dataset, image_processor, split, getattr(model.config, "id2label", None))
@@ -462,4 +494,4 @@ def format_results(results: Sequence[LocalisationResult]) -> str:
 
 def save_results(results: Sequence[LocalisationResult], path: str | Path) -> None:
     """Write the results (without per-grid scores) as JSON."""
-    Path(path).write_text(json.dumps([result.to_dict() for result in results], indent=2) + "\n")
+    Path(path).write_text(dump_json([result.to_dict() for result in results]) + "\n")

@@ -7,6 +7,8 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
+from .guards import dump_json, is_hub_id
+
 TEMPLATE = "bcos_model_card.md"
 
 USAGE = {
@@ -25,6 +27,33 @@ USAGE = {
     "backbone": ("image-feature-extraction", "AutoModel", "AutoImageProcessor", 'features = pipe("cat.jpg")'),
 }
 """Per kind of B-cos model: pipeline task, Auto class, processor class and a pipeline call for the card."""
+
+
+def _plain(text: str, limit: int = 200) -> str:
+    """``text`` without control characters, backticks, quotes or angle brackets, at most ``limit`` characters:
+    recorded names (``source_checkpoint``, a folder) come from files and must not inject Markdown, HTML or
+    front-matter keys into the card."""
+    kept = "".join(" " if ord(c) < 32 or c in '`"<>' else c for c in str(text))
+    return kept[:limit]
+
+
+def _yaml_string(text: str) -> str:
+    """A YAML double-quoted scalar (JSON's string syntax is a subset of it): one value, never more keys."""
+    return json.dumps(_plain(text))
+
+
+def _escaped_json(value) -> str:
+    """JSON for a fenced code block: backticks (which could close the block) and angle brackets (HTML) escaped as
+    JSON unicode escapes, so the data stays exact."""
+    text = dump_json(value)
+    return text.replace("`", "\\u0060").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def _source_reference(name: str) -> str:
+    """Markdown for the source checkpoint: a link to its Hub page for a Hub id, else the name as code."""
+    if is_hub_id(name) and not Path(name).exists():
+        return f"[`{name}`](https://huggingface.co/{name})"
+    return f"`{_plain(name)}`"
 
 
 def _model_kind(model_class: str) -> str:
@@ -55,15 +84,12 @@ def render_model_card(
         sections: more markdown sections, title -> body (training details, an explanation picture, ...).
         fine_tuned: the model was trained after conversion (drops the "before fine-tuning" note).
     """
-    base_model = config.source_checkpoint or "unknown"
-    model_id = model_id or (Path(config.name_or_path).name if config.name_or_path else "path/to/model")
-    is_local = Path(base_model).exists() or base_model.startswith((".", "/"))
+    base_model = str(config.source_checkpoint or "unknown")
+    model_id = _plain(model_id or (Path(config.name_or_path).name if config.name_or_path else "path/to/model"))
     model_class = (config.architectures or ["BcosForImageClassification"])[0]
     pipeline_tag, auto_class, processor_class, pipeline_call = USAGE[_model_kind(model_class)]
     conversion = (
-        "```json\n" + json.dumps(report, indent=2) + "\n```"
-        if report
-        else "No conversion report was saved with this model."
+        "```json\n" + _escaped_json(report) + "\n```" if report else "No conversion report was saved with this model."
     )
     status = (
         "\n> This is the converted model **before fine-tuning**: with B = $b and no biases its predictions differ "
@@ -76,15 +102,15 @@ def render_model_card(
     rendered_sections = "".join(f"## {title}\n\n{body.strip()}\n\n" for title, body in (sections or {}).items())
     return _template().substitute(
         pipeline_tag=pipeline_tag,
-        base_model=base_model,
-        base_model_link=base_model if is_local else f"https://huggingface.co/{base_model}",
+        base_model=_yaml_string(base_model),
+        base_model_reference=_source_reference(base_model),
         model_name=f"{model_id} (B-cos)",
         model_id=model_id,
         auto_class=auto_class,
         processor_class=processor_class,
         pipeline_call=pipeline_call,
         bcos_hf_version=config.bcos_hf_version or "",
-        source_architecture=config.source_architecture or config.source_config.model_type,
+        source_architecture=_plain(config.source_architecture or config.source_config.model_type),
         model_class=model_class,
         b=f"{config.b:g}",
         keep_bias="yes" if config.keep_bias else "no",

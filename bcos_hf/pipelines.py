@@ -31,6 +31,25 @@ class ImageExplanationPipeline(ImageClassificationPipeline):
     and ``contributions`` (H x W tensor).
     """
 
+    def __call__(self, inputs, **kwargs):
+        """As the image-classification pipeline; a list of targets (one per image) explains each image for its own
+        target, whatever the batch size."""
+        target = kwargs.get("target")
+        if isinstance(target, torch.Tensor):
+            target = target.tolist()
+        if not isinstance(target, (list, tuple)):
+            return super().__call__(inputs, **kwargs)
+        images = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if len(target) != len(images):
+            raise ValueError(
+                f"target has {len(target)} entries for {len(images)} images: pass one target per image, or one "
+                "class index or label name for all of them."
+            )
+        options = {key: value for key, value in kwargs.items() if key not in ("target", "batch_size")}
+        call = super().__call__
+        results = [call(image, target=entry, **options) for image, entry in zip(images, target, strict=True)]
+        return results if isinstance(inputs, (list, tuple)) else results[0]
+
     def _sanitize_parameters(
         self,
         target: int | str | None = None,

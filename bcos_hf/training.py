@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from .data import check_dataset_labels
 from .hub import conversion_report, training_card_details
 from .model_card import render_model_card
 from .modeling.bcos_layers import BcosConv2d, BcosLinear, DetachableLinear
-from .modeling.modeling_bcos import BcosModel
+from .modeling.modeling_bcos import BcosModel, non_finite_parameters
 from .modeling.modeling_bcos_clip import BcosCLIPModel
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ SIGLIP_BIAS = -10.0
 """The fixed scale and bias of the SigLIP distillation loss of B-cosified CLIP (Arya et al., NeurIPS 2024)."""
 
 
-@dataclass
+@dataclass(repr=False)  # keep TrainingArguments' repr, which hides the Hub token
 class BcosTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with the B-cosification recipe's defaults and its extra knobs.
 
@@ -175,22 +176,27 @@ class BcosTrainingArguments(TrainingArguments):
             raise ValueError(f"bce_off_target must lie in [0, 1); got {self.bce_off_target}.")
         if not 0 <= self.distillation_alpha <= 1:
             raise ValueError(f"distillation_alpha must lie in [0, 1]; got {self.distillation_alpha}.")
-        if not self.distillation_temperature > 0:
-            raise ValueError(f"distillation_temperature must be positive; got {self.distillation_temperature}.")
-        if (
-            min(self.b_warmup_steps, self.bias_decay, self.bias_anneal_steps) < 0
-            or min(self.clip_factor, self.clip_eps) <= 0
-        ):
+        if not 0 < self.distillation_temperature < math.inf:
             raise ValueError(
-                "b_warmup_steps, bias_decay and bias_anneal_steps must be >= 0, clip_factor and clip_eps > 0; got "
-                f"{self.b_warmup_steps}, {self.bias_decay}, {self.bias_anneal_steps}, {self.clip_factor}, "
-                f"{self.clip_eps}."
+                f"distillation_temperature must be a finite positive number; got {self.distillation_temperature}."
             )
+        if min(self.b_warmup_steps, self.bias_anneal_steps) < 0 or not 0 <= self.bias_decay < math.inf:
+            raise ValueError(
+                "b_warmup_steps, bias_anneal_steps and bias_decay must be >= 0 (and finite); got "
+                f"{self.b_warmup_steps}, {self.bias_anneal_steps}, {self.bias_decay}."
+            )
+        if not (0 < self.clip_factor < math.inf and 0 < self.clip_eps < math.inf):
+            raise ValueError(
+                "clip_factor and clip_eps must be finite positive numbers (a NaN factor makes every gradient NaN); "
+                f"got {self.clip_factor}, {self.clip_eps}."
+            )
+        if not 0 <= self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate must be a finite number >= 0; got {self.learning_rate}.")
         if self.alignment_mode not in ALIGNMENT_MODES:
             raise ValueError(
                 f"alignment_mode must be one of {', '.join(ALIGNMENT_MODES)}; got {self.alignment_mode!r}."
             )
-        if not self.alignment_weight >= 0 or self.teacher_forced_steps < 0:
+        if not 0 <= self.alignment_weight < math.inf or self.teacher_forced_steps < 0:
             raise ValueError(
                 "alignment_weight and teacher_forced_steps must be >= 0; got "
                 f"{self.alignment_weight}, {self.teacher_forced_steps}."
@@ -213,6 +219,19 @@ class BcosTrainingArguments(TrainingArguments):
         state["hub_token"] = None
         return state
 
+    def __copy__(self) -> BcosTrainingArguments:
+        """A copy keeps the token (``copy`` would otherwise go through ``__getstate__``, which drops it)."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> BcosTrainingArguments:
+        """A deep copy keeps the token too (see ``__copy__``)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
 
 def source_with_labels(source: str | Path, labels: list[str]) -> PreTrainedModel:
     """Load a pretrained classifier with a new head for ``labels`` (freshly initialised, the rest pretrained).
@@ -220,10 +239,15 @@ def source_with_labels(source: str | Path, labels: list[str]) -> PreTrainedModel
     The first step of fine-tuning on a new label set: convert the result with ``bcos_hf.convert.convert``
     (pass the source's image processor), then train it with ``BcosTrainer``.
     """
-    config = AutoConfig.from_pretrained(source)
-    model_class = getattr(transformers, (config.architectures or ["AutoModelForImageClassification"])[0])
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    name = (config.architectures or ["AutoModelForImageClassification"])[0]
+    model_class = getattr(transformers, name, None)
+    if not (isinstance(model_class, type) and hasattr(model_class, "from_pretrained")):
+        raise ValueError(f"{source} names {name!r}, which is not a transformers model class: bcos_hf loads only those.")
+    remote = {"trust_remote_code": False} if name.startswith("Auto") else {}
     return model_class.from_pretrained(
         source,
+        **remote,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: index for index, label in enumerate(labels)},
@@ -381,6 +405,24 @@ class BiasAnnealCallback(TrainerCallback):
             model.config.keep_bias = False
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or infinite loss or weight; raised at the first step where it happens."""
+
+
+class FiniteWeightsCallback(TrainerCallback):
+    """Stop at the first optimiser step that leaves a NaN or infinite weight, naming the step and the weights
+    (the Trainer would log a loss of 0.0 and go on with a broken model)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        broken = non_finite_parameters(model) if model is not None else []
+        if broken:
+            raise NonFiniteError(
+                f"Step {state.global_step}: the optimiser step left NaN or infinite weights "
+                f"({', '.join(broken[:5])}{', ...' if len(broken) > 5 else ''}). Lower the learning rate, check the "
+                "clipping (clip_factor) and the data, and resume from the last checkpoint."
+            )
+
+
 def is_bcos_model(model: nn.Module) -> bool:
     """A model converted by bcos_hf (loaded with bcos_hf or through remote code)."""
     config = getattr(model, "config", None)
@@ -493,8 +535,11 @@ class BcosTrainer(Trainer):
             )
         label_free = self.distils_embeddings or args.alignment_weight > 0
         for split in ("train_dataset", "eval_dataset"):
-            if kwargs.get(split) is not None and not label_free:
-                check_dataset_labels(kwargs[split], model.config, split)
+            dataset = kwargs.get(split)
+            if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+                raise ValueError(f"The {split} is empty: it must hold at least one example.")
+            if dataset is not None and not label_free:
+                check_dataset_labels(dataset, model.config, split)
         if teacher is not None:
             _check_teacher(teacher, model)
         if self.distils_embeddings:
@@ -514,6 +559,7 @@ class BcosTrainer(Trainer):
                     "start from the exact original, or set bias_anneal_steps=0."
                 )
             self.add_callback(BiasAnnealCallback(args.bias_anneal_steps))
+        self.add_callback(FiniteWeightsCallback())
         self.teacher = None
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -523,7 +569,29 @@ class BcosTrainer(Trainer):
 
     # Loss ------------------------------------------------------------------------------------------------
 
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """The Trainer's step, stopped with a clear error at the first NaN or infinite loss (the Trainer's logs
+        would filter it out and show 0.0)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteError(
+                f"Step {self.state.global_step + 1}: the loss is {float(loss.float().mean())}. Check the data (NaN "
+                "images), the model's weights and the loss settings; lower the learning rate or resume from the "
+                "last checkpoint."
+            )
+        return loss
+
     def label_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        classes = logits.shape[-1]
+        valid = (labels >= 0) & (labels < classes)
+        if self.args.loss == "cross_entropy":
+            valid |= labels == -100  # cross-entropy's "ignore" label
+        if not bool(valid.all()):
+            raise ValueError(
+                f"Labels must be class indices in [0, {classes}) for this model; the batch has "
+                f"{sorted(set(labels[~valid].tolist()))[:5]}. The dataset's labels do not match the model's: see "
+                "bcos_hf.data.check_dataset_labels."
+            )
         if self.args.loss == "cross_entropy":
             return F.cross_entropy(logits.float(), labels)
         return bce_loss(logits, labels, self.args.bce_off_target)

@@ -115,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = save_source(source_dir)
     conversions = {
         "B-cos, B = 1 with biases (equivalence)": convert(
-            source_dir, args.output_dir / "mobilenet_v2-bcos-equivalent", b=1, keep_bias=True
+            source_dir, args.output_dir / "mobilenet_v2-bcos-equivalent", b=1, keep_bias=True, overwrite=True
         ),
-        "B-cos, B = 2 without biases (before fine-tuning)": convert(source_dir, args.output_dir / "mobilenet_v2-bcos"),
+        "B-cos, B = 2 without biases (before fine-tuning)": convert(
+            source_dir, args.output_dir / "mobilenet_v2-bcos", overwrite=True
+        ),
     }
 
     paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})

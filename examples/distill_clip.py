@@ -99,7 +99,7 @@ def main() -> dict:
     output = Path(args.output_dir)
     started = time.perf_counter()
     source = options.model or str(small_random_clip(output / "source" / "small-random-clip"))
-    conversion = convert(source, output / "source" / "converted")
+    conversion = convert(source, output / "source" / "converted", overwrite=True)
     student = AutoModel.from_pretrained(output / "source" / "converted", dtype=torch.float32)
     teacher = CLIPModel.from_pretrained(source, dtype=torch.float32)
     has_tokenizer = (Path(source) / "tokenizer_config.json").is_file()

@@ -66,7 +66,7 @@ def prepare_model(options: ScriptArguments, work: Path):
     processor.size = {"height": options.image_size, "width": options.image_size}
     processor.do_center_crop = False
     conversion = convert(
-        source_with_labels(source, FASHION_MNIST_LABELS), work / "converted", image_processor=processor
+        source_with_labels(source, FASHION_MNIST_LABELS), work / "converted", image_processor=processor, overwrite=True
     )
     gap = conversion.report.equivalence_max_abs_diff
     print(f"Converted {source} -> {work / 'converted'} (equivalence max |diff| {gap:.2g})")

@@ -221,7 +221,7 @@ def run(budget: Budget, output: Path, arms: tuple[str, ...] = ARMS) -> dict:
     test = load_fashion_mnist("test", limit=budget.test_size)
     source_dir = build_source(work / "source", budget.resolution)
     bcos_dir = work / "bcosified-initial"
-    conversion = convert(source_dir, bcos_dir)
+    conversion = convert(source_dir, bcos_dir, overwrite=True)  # this run's own work folder
     processor = conversion.image_processor  # the source's, normalisation off
     source_processor = AutoImageProcessor.from_pretrained(source_dir)  # normalises, as the standard model expects
     bcos_collator = ImageClassificationCollator(processor, num_labels=10)

@@ -243,7 +243,7 @@ def test_already_bcos_and_invalid_b_are_refused(tiny_vit_dir, tmp_path):
     convert(tiny_vit_dir, tmp_path / "bcos")
     with pytest.raises(UnsupportedModelError, match="already a B-cos model"):
         convert(tmp_path / "bcos")
-    with pytest.raises(ValueError, match="b must be >= 1"):
+    with pytest.raises(ValueError, match="B must be a number >= 1"):
         convert(tiny_vit_dir, b=0.5)
 
 

@@ -11,6 +11,8 @@ Part of the remote-loadable model code: imports only torch and siblings, with si
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,11 +27,23 @@ def _unit_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight / norms.view(-1, *[1] * (weight.ndim - 1))
 
 
-def _validate_b(b: float) -> float:
-    b = float(b)
-    if not b >= 1:
-        raise ValueError(f"B must be a number >= 1 (1 is a plain linear layer, 2 the usual B-cos choice); got {b}.")
-    return b
+B_MAX = 10.0
+"""Largest accepted B: ``|cos|^(B-1)`` of higher B vanishes for every unit, and with it every logit but the
+bias (B-cos papers use 1 to 2.5)."""
+
+
+def check_b(b) -> float:
+    """``b`` as a float, or a ValueError: the one check of the B-cos exponent (converter, config, layers)."""
+    try:
+        value = float(b)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 1 <= value <= B_MAX:
+        raise ValueError(
+            f"B must be a number >= 1 (1 is a plain linear layer, 2 the usual B-cos choice) and at most {B_MAX:g} "
+            f"(above, |cos|^(B-1) vanishes and every logit is the same); got {b!r}."
+        )
+    return value
 
 
 class BcosLinear(nn.Linear, ExplainableMixin):
@@ -51,7 +65,7 @@ class BcosLinear(nn.Linear, ExplainableMixin):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.b = _validate_b(b)
+        self.b = check_b(b)
         self.normalize_weights = normalize_weights
 
     @classmethod
@@ -111,7 +125,7 @@ class BcosConv2d(nn.Conv2d, ExplainableMixin):
             device=device,
             dtype=dtype,
         )
-        self.b = _validate_b(b)
+        self.b = check_b(b)
         self.normalize_weights = normalize_weights
 
     @classmethod
@@ -185,6 +199,17 @@ class DetachableLinear(nn.Linear, ExplainableMixin):
         return out.detach() if self.explaining else out
 
 
+def check_logit_layer(logit_bias, temperature) -> tuple[float, float]:
+    """``(logit_bias, temperature)`` as floats, or a ValueError: the bias must be finite, the temperature
+    finite and positive (either NaN would make every logit NaN)."""
+    bias, scale = float(logit_bias), float(temperature)
+    if not math.isfinite(bias):
+        raise ValueError(f"logit_bias must be a finite number; got {logit_bias!r}.")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"logit_temperature must be a finite positive number; got {temperature!r}.")
+    return bias, scale
+
+
 class LogitLayer(nn.Module):
     """Final affine map of the logits: ``logits / temperature + logit_bias``.
 
@@ -194,10 +219,7 @@ class LogitLayer(nn.Module):
 
     def __init__(self, logit_bias: float = 0.0, temperature: float = 1.0) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"logit_temperature must be positive; got {temperature}.")
-        self.logit_bias = float(logit_bias)
-        self.temperature = float(temperature)
+        self.logit_bias, self.temperature = check_logit_layer(logit_bias, temperature)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature != 1.0:

@@ -1,12 +1,14 @@
 """Configuration of B-cos models converted from a pretrained Hugging Face vision model.
 
-Part of the remote-loadable model code: imports only transformers and siblings, with single dots.
+Part of the remote-loadable model code: imports only torch, transformers and siblings, with single dots.
 """
 
 from __future__ import annotations
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from .bcos_layers import check_b, check_logit_layer
 
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_bcos.BcosConfig",
@@ -27,7 +29,7 @@ class BcosConfig(PreTrainedConfig):
             Config of the source architecture, with ``num_channels=6`` (the model sees ``[x, 1 - x]``). Defaults
             to a ViT-Base (``ViTConfig(num_channels=6)``), so ``BcosConfig()`` builds like any transformers config.
         b (`float`, defaults to 2.0):
-            The B-cos exponent: 1 is a plain linear network, 2 the usual B-cos model; any value >= 1.
+            The B-cos exponent: 1 is a plain linear network, 2 the usual B-cos model; 1 to 10 (``check_b``).
         keep_bias (`bool`, defaults to False):
             Keep the pretrained biases. Biases are constant terms, so a B-cos model drops them; keeping them
             (with ``b=1``) reproduces the source model exactly.
@@ -64,10 +66,12 @@ class BcosConfig(PreTrainedConfig):
         if self.source_config is None:  # ``BcosConfig()``: a B-cos ViT-Base, as ``ViTConfig()`` is a ViT-Base
             self.source_config = {"model_type": "vit", "num_channels": 6}
         super().__post_init__(**kwargs)
-        if not float(self.b) >= 1:
-            raise ValueError(f"BcosConfig.b must be >= 1; got {self.b}.")
-        if not float(self.logit_temperature) > 0:
-            raise ValueError(f"BcosConfig.logit_temperature must be positive; got {self.logit_temperature}.")
+        check_b(self.b)
+        check_logit_layer(self.logit_bias, self.logit_temperature)
+        if self.source_architecture is not None and not str(self.source_architecture).isidentifier():
+            raise ValueError(
+                f"BcosConfig.source_architecture must name a transformers class; got {self.source_architecture!r}."
+            )
         channels = getattr(self.source_config, "vision_config", self.source_config).num_channels  # image-text
         if channels != 6:
             raise ValueError(

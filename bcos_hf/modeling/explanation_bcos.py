@@ -324,6 +324,10 @@ class BcosExplanation:
         names = list(names) if names is not None else [f"image_{index}" for index in range(len(self))]
         if len(names) != len(self):
             raise ValueError(f"save got {len(names)} names for {len(self)} explanations.")
+        for name in names:
+            check_file_name(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"save got repeated names {names}: each image's pictures would overwrite another's.")
         written = []
         pairs = zip(self.explanation_images(with_image), self.heatmap_images(with_image), names, strict=True)
         for explanation, heatmap, name in pairs:
@@ -332,6 +336,23 @@ class BcosExplanation:
             heatmap.save(paths["heatmap"])
             written.append(paths)
         return written
+
+
+def check_file_name(name: str) -> str:
+    """``name`` if it is a plain file name (no folder part, not ``.``/``..``, no control characters), else a
+    ValueError: names given for output files must not reach outside their folder."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or any(ord(character) < 32 for character in name)
+    ):
+        raise ValueError(
+            f"{name!r} is not a plain file name: names must not be empty, '.' or '..', or hold '/', '\\' or "
+            "control characters (they name files inside the output folder)."
+        )
+    return name
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

@@ -11,6 +11,8 @@ Part of the remote-loadable model code: imports only torch, transformers and sib
 
 from __future__ import annotations
 
+import os
+import re
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
@@ -30,6 +32,10 @@ from .rewriting import RewriteOptions, bcosify
 
 PIXEL_RANGE_TOLERANCE = 1e-3
 """Slack on the [0, 1] input range, for resampling filters that overshoot by a rounding error."""
+
+INCOMPLETE_MARKER = "WRITE_IN_PROGRESS"
+"""File bcos_hf keeps in a folder while writing it (see ``bcos_hf.guards.atomic_folder``): a folder holding it
+is an interrupted write and does not load."""
 
 
 def check_pixel_values(pixel_values: torch.Tensor | None) -> None:
@@ -61,6 +67,8 @@ def check_pixel_values(pixel_values: torch.Tensor | None) -> None:
             f"pixel_values must have 3 channels (RGB in [0, 1]; the model encodes [x, 1 - x] itself) or 6 "
             f"(already encoded); got {channels} channels in shape {tuple(pixel_values.shape)}.{hint}"
         )
+    if pixel_values.shape[0] == 0:
+        raise ValueError(f"pixel_values holds no images (shape {tuple(pixel_values.shape)}): pass at least one.")
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"pixel_values must be a floating-point tensor with values in [0, 1]; got dtype {pixel_values.dtype}. "
@@ -68,8 +76,11 @@ def check_pixel_values(pixel_values: torch.Tensor | None) -> None:
         )
     if torch.compiler.is_compiling():
         return
-    low, high = torch.stack(torch.aminmax(pixel_values.detach())).float().tolist()  # one device sync
+    values = pixel_values.detach()
+    low, high = torch.stack(torch.aminmax(values)).float().tolist()  # one device sync
     if low >= -PIXEL_RANGE_TOLERANCE and high <= 1 + PIXEL_RANGE_TOLERANCE:
+        if channels == 6:
+            _check_encoding(values)
         return
     if not torch.isfinite(pixel_values).all():
         raise ValueError("pixel_values contain NaN or Inf; check the image loading and preprocessing.")
@@ -79,6 +90,60 @@ def check_pixel_values(pixel_values: torch.Tensor | None) -> None:
         "processor saved with the model (AutoImageProcessor.from_pretrained(<model folder>)), or undo the "
         "normalisation: pixel_values * std + mean."
     )
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``model`` that hold a NaN or an infinity."""
+    tensors = [
+        (name, t)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if t.is_floating_point() and t.device.type != "meta"
+    ]
+    if not tensors:
+        return []
+    local = [(t.to_local() if hasattr(t, "to_local") else t).detach() for _, t in tensors]  # DTensor: its shard
+    norms = torch._foreach_norm(local)  # one pass; a norm is finite exactly when its tensor is (barring overflow)
+    finite = torch.isfinite(torch.stack([norm.float().to(norms[0].device) for norm in norms])).tolist()
+    return [
+        name for (name, _), tensor, ok in zip(tensors, local, finite, strict=True) if not ok and not _finite(tensor)
+    ]
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Element-wise check, for the rare finite tensor whose norm overflows."""
+    return bool(torch.isfinite(tensor.detach()).all())
+
+
+def _backbone_prefix(info: dict) -> str | None:
+    """The attribute under which a classifier checkpoint holds the backbone's missing weights (``vit`` for
+    ``network.vit.*``), when every missing ``network.X`` is there; else None."""
+    missing = {key for key in info.get("missing_keys") or [] if key.startswith("network.")}
+    unexpected = set(info.get("unexpected_keys") or [])
+    prefixes = {key.split(".")[1] for key in unexpected if key.startswith("network.") and key.count(".") > 2}
+    for prefix in sorted(prefixes):
+        moved = {
+            "network." + key[len(f"network.{prefix}.") :] for key in unexpected if key.startswith(f"network.{prefix}.")
+        }
+        if missing & moved and not missing - moved - _pooler(missing):
+            return prefix
+    return None
+
+
+def _pooler(keys: set[str]) -> set[str]:
+    return {key for key in keys if key.startswith("network.pooler.")}
+
+
+def _check_encoding(values: torch.Tensor) -> None:
+    """Six channels must be ``[x, 1 - x]``: other pairs make explanations miss the logit (the encoding's two
+    halves are what turns the biases' constant term into an input-linear one)."""
+    gap = float((values[:, :3].float() + values[:, 3:].float() - 1).abs().max())
+    tolerance = max(1e-4, 2 * torch.finfo(values.dtype).eps)
+    if gap > tolerance:
+        raise ValueError(
+            f"6-channel pixel_values must be the encoding [x, 1 - x] of RGB images x in [0, 1]; channels 3-5 "
+            f"differ from 1 - channels 0-2 by up to {gap:.3g}. Pass the 3-channel images instead: the model "
+            "encodes them itself."
+        )
 
 
 def source_network_class(config: BcosConfig, task: str) -> type[PreTrainedModel]:
@@ -130,6 +195,46 @@ class BcosPreTrainedModel(PreTrainedModel):
             for module in network.modules():
                 module._is_hf_initialized = True  # converted weights: post_init must not re-initialise them
         self.network = network
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load as transformers does, but refuse what would give a silently wrong model: a folder left by an
+        interrupted write, weights missing from the checkpoint (transformers would initialise them randomly,
+        e.g. a backbone folder loaded as a classifier) and NaN or infinite weights."""
+        folder = str(pretrained_model_name_or_path)
+        if os.path.isfile(os.path.join(folder, INCOMPLETE_MARKER)):
+            raise OSError(
+                f"{folder} is an interrupted write (it still holds {INCOMPLETE_MARKER}): its files are incomplete. "
+                "Delete it and convert (or save) again."
+            )
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        prefix = _backbone_prefix(info) if cls.task == "base" and "key_mapping" not in kwargs else None
+        if prefix is not None:  # a classifier's folder loaded as a backbone: its backbone, as transformers does
+            mapping = {rf"^network\.{re.escape(prefix)}\.": "network."}
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, key_mapping=mapping, **kwargs
+            )
+            if info.get("missing_keys") and all(key.startswith("network.pooler.") for key in info["missing_keys"]):
+                model.network.pooler = None  # the classifier has no pooler: its backbone has none either
+                info["missing_keys"] = set()
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            recorded = ", ".join(model.config.architectures or []) or "unknown"
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"{folder} lacks {len(missing)} weights of a {cls.__name__} ({shown}): they would be random. The "
+                f"folder holds a {recorded}: load it with that class (a backbone, BcosModel, with AutoModel; a "
+                "classifier with AutoModelForImageClassification), or convert the checkpoint again if files are "
+                "missing."
+            )
+        broken = non_finite_parameters(model)
+        if broken:
+            raise ValueError(
+                f"{folder} holds NaN or infinite weights ({', '.join(broken[:5])}"
+                f"{', ...' if len(broken) > 5 else ''}): the model would output NaN. Use an earlier checkpoint."
+            )
+        return (model, info) if wants_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         """Nothing to do: the network's modules are initialised by the source architecture's own rules."""

@@ -107,7 +107,7 @@ class BcosCLIPModel(BcosPreTrainedModel):
                 from transformers import AutoTokenizer
 
                 try:
-                    tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+                    tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, trust_remote_code=False)
                 except (OSError, ValueError) as error:
                     raise ValueError(
                         f"No tokenizer saved with this model ({self.name_or_path or 'not loaded from a folder'}): "
