@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 from bcos_hf.convert import convert
-from bcos_hf.localisation import SQUARE_COLOURS, coloured_squares
+from bcos_hf.synthetic import SQUARE_COLOURS, coloured_squares
 
 SIZE, PATCH = 16, 4
 

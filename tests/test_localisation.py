@@ -1,4 +1,4 @@
-"""The grid pointing game on a synthetic task whose answer is known: each class is a coloured square (issue 4)."""
+"""The grid pointing game on a synthetic task whose answer is known: each class is a coloured square."""
 
 from __future__ import annotations
 
@@ -12,21 +12,19 @@ from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from bcos_hf.attribution import grad_cam, input_x_gradient
 from bcos_hf.cli import main
 from bcos_hf.convert import convert
+from bcos_hf.data import ImageDataset
 from bcos_hf.localisation import (
-    SQUARE_COLOURS,
-    ImageDataset,
-    coloured_squares,
     confident_images,
-    grad_cam,
     grid_pointing_game,
-    input_x_gradient,
     pointing_scores,
     sample_grids,
     tile,
     window_offsets,
 )
+from bcos_hf.synthetic import SQUARE_COLOURS, coloured_squares
 
 from .families import FAMILIES
 
