@@ -23,6 +23,7 @@ Methods run batched, in eval mode, and leave no gradient on parameters or inputs
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -74,13 +75,20 @@ def post_hoc(model: nn.Module) -> Iterator[None]:
 
 
 class Logits(nn.Module):
-    """The model's logits as a function of one tensor: captum's forward function (DeepLIFT needs a module)."""
+    """The model's logits as a function of one tensor: captum's forward function (DeepLIFT needs a module).
+
+    B-cos models refuse inputs outside [0, 1]; SmoothGrad's noisy copies are clipped to it in value only (the
+    gradient passes as if unclipped), so every method sees the same function.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.clip = hasattr(model, "encode_pixels")
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.clip:
+            inputs = inputs + (inputs.clamp(0, 1) - inputs).detach()
         return self.model(pixel_values=inputs).logits
 
 
@@ -121,7 +129,9 @@ def _attribute(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, me
             )
         else:
             explainer = getattr(attr, method)(forward)
-        maps = explainer.attribute(inputs, target=targets, **options)
+        with warnings.catch_warnings():  # DeepLIFT announces the hooks it sets (and removes) on every call
+            warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
+            maps = explainer.attribute(inputs, target=targets, **options)
     return maps.detach().float().sum(dim=1)
 
 
@@ -153,7 +163,7 @@ def occlusion(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> 
     channels, height, width = model_input(model, images[:1]).shape[1:]
     window = max(2, round(min(height, width) / OCCLUSION_WINDOWS))
     stride = max(1, window // 2)
-    return _attribute(
+    return (1 / channels) * _attribute(  # each window spans all channels: their sum counts its drop C times
         model,
         images,
         targets,
