@@ -44,7 +44,7 @@ SMOOTHGRAD_SAMPLES, SMOOTHGRAD_NOISE = 16, 0.15
 """Noisy copies per image, and the noise level as a share of the input's range (Smilkov et al., 2017, Sec. 3)."""
 
 OCCLUSION_WINDOWS = 8
-"""Occlusion windows per image side (window = side / 8, stride half a window)."""
+"""Occlusion windows per image side: a window of side / 8, moved by its own width (64 windows an image)."""
 
 
 class Attribution(Protocol):
@@ -159,10 +159,10 @@ def deeplift(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> t
 
 
 def occlusion(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Logit drop when a window (side / ``OCCLUSION_WINDOWS``, stride half of it) is set to zero (captum ``Occlusion``)."""
+    """Logit drop when a window (side / ``OCCLUSION_WINDOWS``, not overlapping) is set to zero (captum ``Occlusion``)."""
     channels, height, width = model_input(model, images[:1]).shape[1:]
-    window = max(2, round(min(height, width) / OCCLUSION_WINDOWS))
-    stride = max(1, window // 2)
+    window = max(1, round(min(height, width) / OCCLUSION_WINDOWS))
+    stride = window
     return (1 / channels) * _attribute(  # each window spans all channels: their sum counts its drop C times
         model,
         images,

@@ -222,9 +222,17 @@ def faithfulness(
             for mode in ("deletion", "insertion"):
                 if mode in metrics:
                     curves = perturbation_curves(
-                        model, images, maps, labels, mode=mode, steps=steps, fill=fill, score=score,
-                        batch_size=batch_size * 4, generator=generator,
-                    )  # fmt: skip
+                        model,
+                        images,
+                        maps,
+                        labels,
+                        mode=mode,
+                        steps=steps,
+                        fill=fill,
+                        score=score,
+                        batch_size=batch_size * 4,
+                        generator=generator,
+                    )
                     values[name][mode].extend(area_under_curve(curves).tolist())
             if randomised is not None:
                 after = attribution(randomised, images, labels).float().cpu()

@@ -74,11 +74,18 @@ def test_occlusion_of_a_model_that_reads_one_pixel_marks_only_the_windows_around
     with torch.no_grad():
         model.linear.weight.zero_()
         model.linear.weight.view(3, 3, 8, 8)[:, :, 5, 2] = 1.0
-    maps = get_attribution("occlusion")(model, IMAGES, TARGETS)  # 2 px windows at stride 1 on 8 px images
-    assert (maps[:, 5, 2] > 0).all()
-    assert maps[:, 4:6, 1:3].gt(0).all() and maps[:, :3].eq(0).all() and maps[:, :, 5:].eq(0).all()
-    # each pixel's score is the mean logit drop of the windows covering it; pixel (5, 2) is in all four of them
-    torch.testing.assert_close(maps[:, 5, 2], IMAGES[:, :, 5, 2].sum(dim=1))
+    maps = get_attribution("occlusion")(model, IMAGES, TARGETS)  # 1 px windows on 8 px images
+    expected = torch.zeros(4, 8, 8)
+    expected[:, 5, 2] = IMAGES[:, :, 5, 2].sum(dim=1)  # the logit drop when that pixel is zeroed
+    torch.testing.assert_close(maps, expected)
+    larger = LinearClassifier(side=16)
+    with torch.no_grad():
+        larger.linear.weight.zero_()
+        larger.linear.weight.view(3, 3, 16, 16)[:, :, 10, 4] = 1.0
+        larger.linear.weight.view(3, 3, 16, 16)[:, :, 2, 13] = -1.0
+    coarse = get_attribution("occlusion")(larger, torch.rand(4, 3, 16, 16), TARGETS)  # 2 px windows
+    assert coarse[:, 10:12, 4:6].gt(0).all() and coarse[:, 2:4, 12:14].lt(0).all()
+    assert coarse.ne(0).sum() == 4 * 8
 
 
 def test_grad_cam_equals_class_activation_mapping_on_a_pooled_network():

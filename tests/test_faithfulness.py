@@ -67,7 +67,7 @@ def test_the_exact_contributions_are_the_best_deletion_order_and_random_lies_bet
                 fill=0.0,
                 score="logit",
                 generator=torch.Generator().manual_seed(0),
-            )  # fmt: skip
+            )
         )
         for order in ("most", "random", "least")
     }
@@ -92,9 +92,7 @@ def test_curves_start_at_the_image_and_end_at_the_fill(linear):
 
 
 def test_area_under_curve_and_ranks():
-    torch.testing.assert_close(
-        area_under_curve([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([0.5, 1.0]).double()
-    )
+    torch.testing.assert_close(area_under_curve([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([0.5, 1.0]).double())
     torch.testing.assert_close(area_under_curve([[0.0, 1.0, 0.0]]), torch.tensor([0.5]).double())
     ranks = pixel_order(torch.tensor([[[0.1, 0.9], [0.5, -1.0]]]), "most")
     assert ranks.tolist() == [[2, 0, 1, 3]]
@@ -111,11 +109,7 @@ def test_randomising_the_top_layers_changes_only_a_copy():
     randomised, names = randomise_top_layers(source, share=0.25)
     assert names[-1] == "classifier.1" and len(names) >= 2
     assert all(torch.equal(parameter, before[name]) for name, parameter in source.named_parameters())
-    changed = {
-        name
-        for name, parameter in randomised.named_parameters()
-        if not torch.equal(parameter, before[name])
-    }  # fmt: skip
+    changed = {name for name, parameter in randomised.named_parameters() if not torch.equal(parameter, before[name])}
     assert changed and all(any(name.startswith(layer + ".") for layer in names) for name in changed)
 
 
@@ -128,9 +122,14 @@ def bcos_resnet():
 def test_faithfulness_scores_every_method_and_the_randomisation_check_sees_the_change(bcos_resnet):
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     results = faithfulness(
-        bcos_resnet, (images, torch.zeros(6, dtype=torch.long)), ("bcos", "ixg", "random"), steps=4,
-        randomised_share=0.5, batch_size=4, progress=False,
-    )  # fmt: skip
+        bcos_resnet,
+        (images, torch.zeros(6, dtype=torch.long)),
+        ("bcos", "ixg", "random"),
+        steps=4,
+        randomised_share=0.5,
+        batch_size=4,
+        progress=False,
+    )
     assert set(results) == {"bcos", "ixg", "random"}
     for by_metric in results.values():
         assert set(by_metric) == {"deletion", "insertion", "randomisation"}
@@ -138,8 +137,15 @@ def test_faithfulness_scores_every_method_and_the_randomisation_check_sees_the_c
         assert all(0 <= value <= 1 for value in by_metric["deletion"].values + by_metric["insertion"].values)
     assert results["bcos"]["randomisation"].mean < 0.9  # the explanation follows the model
     assert abs(results["random"]["randomisation"].mean) < 0.2  # two random maps: unrelated
-    again = faithfulness(bcos_resnet, (images, torch.zeros(6, dtype=torch.long)), ("bcos",), metrics=("deletion",),
-                         steps=4, batch_size=4, progress=False)  # fmt: skip
+    again = faithfulness(
+        bcos_resnet,
+        (images, torch.zeros(6, dtype=torch.long)),
+        ("bcos",),
+        metrics=("deletion",),
+        steps=4,
+        batch_size=4,
+        progress=False,
+    )
     assert again["bcos"]["deletion"].values == results["bcos"]["deletion"].values
     assert all(parameter.grad is None for parameter in bcos_resnet.parameters())
     with pytest.raises(ValueError, match="Unknown faithfulness metrics"):
