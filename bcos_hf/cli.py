@@ -109,7 +109,9 @@ def _add_localisation(subparsers) -> None:
         "--image-size", type=int, default=None, help="resize images to this side (default: the model's)"
     )
     parser.add_argument("--num-grids", type=int, default=500, help="grids per size (default 500)")
-    parser.add_argument("--methods", nargs="+", default=["bcos", "ixg", "gradcam"], help="bcos, ixg, gradcam, random")
+    parser.add_argument(
+        "--methods", nargs="+", default=["bcos", "ixg", "gradcam"], help="names from bcos_hf.attribution.ATTRIBUTIONS"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the grid sampling (default 0)")
     parser.add_argument("--confidence", type=float, default=0.5, help="sigmoid(logit) threshold (default 0.5)")
     parser.add_argument("--smoothing", type=int, default=15, help="average-pooling window, 1 = none (default 15)")
