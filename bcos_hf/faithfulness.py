@@ -210,7 +210,8 @@ def faithfulness(
     values: dict[str, dict[str, list[float]]] = {name: {metric: [] for metric in metrics} for name, _ in chosen}
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    for start in tqdm(range(0, len(data), batch_size), desc="faithfulness", disable=not progress):
+    bar = tqdm(total=math.ceil(len(data) / batch_size) * len(chosen), desc="faithfulness", disable=not progress)
+    for start in range(0, len(data), batch_size):
         images, labels = data.batch(range(start, min(start + batch_size, len(data))))
         images = images.to(device, next(model.parameters()).dtype)
         if targets == "predicted":
@@ -237,6 +238,9 @@ def faithfulness(
             if randomised is not None:
                 after = attribution(randomised, images, labels).float().cpu()
                 values[name]["randomisation"].extend(rank_correlation(maps.abs(), after.abs()).tolist())
+            bar.set_postfix_str(name)
+            bar.update()
+    bar.close()
     return {
         name: {metric: MetricSummary.of(name, metric, scores) for metric, scores in by_metric.items()}
         for name, by_metric in values.items()
