@@ -1,4 +1,5 @@
-"""The ``bcos-hf`` command line: ``convert``, ``align`` (label-free, with the original), ``explain``, ``localisation``."""
+"""The ``bcos-hf`` command line: ``convert``, ``align`` (label-free, with the original), ``explain``, ``localisation``,
+``evaluate`` (explanation metrics)."""
 
 from __future__ import annotations
 
@@ -170,8 +171,13 @@ def _add_localisation(subparsers) -> None:
     parser.add_argument(
         "--grid", type=positive_int, nargs="+", default=[2, 3], help="cells per side, >= 2 (default: 2 3)"
     )
+    parser.add_argument(
+        "--image-size", type=positive_int, default=None, help="resize images to this side (default: the model's)"
+    )
     parser.add_argument("--num-grids", type=positive_int, default=500, help="grids per size (default 500)")
-    parser.add_argument("--methods", nargs="+", default=["bcos", "ixg", "gradcam"], help="bcos, ixg, gradcam, random")
+    parser.add_argument(
+        "--methods", nargs="+", default=["bcos", "ixg", "gradcam"], help="names from bcos_hf.attribution.ATTRIBUTIONS"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the grid sampling (default 0)")
     parser.add_argument("--confidence", type=finite_float, default=0.5, help="sigmoid(logit) threshold (default 0.5)")
     parser.add_argument(
@@ -189,7 +195,7 @@ def _run_localisation(args: argparse.Namespace) -> None:
     from .localisation import ImageDataset, format_results, grid_pointing_game, save_results
 
     model, processor = load_classifier(args.model)
-    data = ImageDataset(args.dataset, processor, args.split, model.config.id2label)
+    data = ImageDataset(args.dataset, processor, args.split, model.config.id2label, require_model_labels=True)
     sliding = {"auto": None, "on": True, "off": False}[args.sliding_window]
     results = []
     for grid in args.grid:
@@ -209,6 +215,59 @@ def _run_localisation(args: argparse.Namespace) -> None:
     print(format_results(results))
     if args.out:
         save_results(results, args.out)
+
+
+def _add_evaluate(subparsers) -> None:
+    from .attribution import ATTRIBUTIONS
+    from .evaluation import FULL, METRICS
+
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Score explanations: models x attribution methods x metrics (GridPG, deletion, insertion, randomisation).",
+        description="Scores each model's B-cos explanation (B-cos models) and post-hoc baselines (captum) on one "
+        "dataset with GridPG, pixel deletion and insertion AUC and the randomisation check; writes results.json, "
+        "results.md (the table) and results.png (grouped bars, mean ± sd) to --out.",
+    )
+    parser.add_argument("models", nargs="+", help="model folders: B-cos or standard image classifiers")
+    parser.add_argument("--dataset", required=True, help="imagefolder tree, save_to_disk folder, or 'photos'")
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--out", required=True, help="folder for results.json, results.md and results.png")
+    parser.add_argument("--methods", nargs="+", default=list(ATTRIBUTIONS), help="default: all of them")
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS), help="default: all of them")
+    parser.add_argument("--quick", action="store_true", help="a few images and grids: seconds on tiny models")
+    parser.add_argument("--images", type=int, default=None, help=f"images per model (default {FULL.images})")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="resize images to this side (default: the model's)"
+    )
+    parser.add_argument("--num-grids", type=int, default=None, help=f"GridPG grids (default {FULL.num_grids})")
+    parser.add_argument("--steps", type=int, default=None, help=f"deletion/insertion steps (default {FULL.steps})")
+    parser.add_argument("--fill", type=float, default=None, help=f"value of deleted pixels (default {FULL.fill})")
+    parser.add_argument("--smoothing", type=int, default=None, help=f"GridPG pooling (default {FULL.smoothing})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {FULL.batch_size}")
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import format_table, run_evaluation
+
+    rows = run_evaluation(
+        args.models,
+        args.dataset,
+        args.out,
+        args.methods,
+        args.metrics,
+        quick=args.quick,
+        split=args.split,
+        images=args.images,
+        image_size=args.image_size,
+        num_grids=args.num_grids,
+        steps=args.steps,
+        fill=args.fill,
+        smoothing=args.smoothing,
+        batch_size=args.batch_size,
+    )
+    print(format_table(rows))
+    print(f"results: {args.out}/results.json, results.md, results.png")
 
 
 def _add_align(subparsers) -> None:
@@ -299,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(subparsers)
     _add_localisation(subparsers)
     _add_align(subparsers)
+    _add_evaluate(subparsers)
     return parser
 
 

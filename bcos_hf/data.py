@@ -74,6 +74,29 @@ def _pick_column(columns, candidates: tuple[str, ...], wanted: str | None) -> st
     return next((name for name in candidates if name in columns), None)
 
 
+def find_column(dataset, kind: str, wanted: str | None = None) -> str:
+    """The image (``kind="image"``) or label (``"label"``) column of a ``datasets.Dataset``: ``wanted``, else the
+    first usual name (``IMAGE_COLUMNS``, ``LABEL_COLUMNS``), else the first column of feature type ``Image`` or
+    ``ClassLabel``; a ValueError naming the columns when there is none."""
+    import datasets
+
+    candidates, feature_type = {
+        "image": (IMAGE_COLUMNS, datasets.Image),
+        "label": (LABEL_COLUMNS, datasets.ClassLabel),
+    }[kind]
+    features = dataset.features
+    column = _pick_column(list(features), candidates, wanted)
+    if column is None and wanted is None:
+        column = next((name for name, feature in features.items() if isinstance(feature, feature_type)), None)
+    if column is None:
+        raise ValueError(
+            f"The dataset has no {kind} column (columns: {dict(features)}); expected "
+            f"{wanted or ' or '.join(candidates) + f' or a {feature_type.__name__} feature'}. Rename yours with "
+            "dataset.rename_column(<name>, ...)."
+        )
+    return column
+
+
 def load_image_dataset(source: str | Path, split: str = "train"):
     """Load an image dataset from a local folder: a saved ``Dataset`` (``save_to_disk``), Arrow files, or class folders.
 
@@ -88,7 +111,11 @@ def load_image_dataset(source: str | Path, split: str = "train"):
         raise FileNotFoundError(f"{folder} is not a folder: expected a saved dataset, Arrow files or class folders.")
     if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
         loaded = datasets.load_from_disk(str(folder))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{folder} has no split {split!r}; it has {', '.join(loaded)}.")
+            loaded = loaded[split]
+        return loaded
     arrow_files = sorted(str(path) for path in folder.glob("*.arrow"))
     if arrow_files:
         return datasets.load_dataset("arrow", data_files={split: arrow_files}, split=split)
@@ -222,3 +249,67 @@ def load_fashion_mnist(split: str = "train", limit: int | None = None, root: str
         {"image": [Image.fromarray(image, mode="L") for image in images], "label": labels.tolist()},
         features=features,
     )
+
+
+class ImageDataset:
+    """Images in [0, 1] at the model's input size, with the model's label ids, read in batches (for the
+    explanation metrics).
+
+    ``source``: a ``(images, labels)`` pair of tensors (N x 3 x H x W in [0, 1], N), a ``datasets.Dataset``
+    (columns found by ``find_column``), or a folder (``load_image_dataset``). Datasets go through
+    ``image_processor`` (the one saved with the B-cos model: no normalisation). When the dataset's class names are
+    all among the model's labels (``id2label``), labels are matched by name (an imagefolder numbers its classes
+    alphabetically). Otherwise, with ``require_model_labels`` (GridPG: every image must be scored for its own
+    class), a class name the model does not have is an error unless the model's labels are generic
+    (``LABEL_0``, ...); without it the dataset's label ids are kept and ``to_model_label`` stays None.
+    """
+
+    def __init__(
+        self,
+        source,
+        image_processor=None,
+        split: str = "train",
+        id2label: dict | None = None,
+        require_model_labels: bool = False,
+    ) -> None:
+        self.to_model_label: dict[int, int] | None = None
+        if isinstance(source, tuple):
+            self.images, self.labels = source
+            self.dataset = None
+            return
+        if isinstance(source, (str, Path)):
+            source = load_image_dataset(source, split)
+        if image_processor is None:
+            raise ValueError("A dataset of images needs the model's image_processor to resize them.")
+        self.dataset, self.image_processor = source, image_processor
+        self.image_column = find_column(source, "image")
+        self.label_column = find_column(source, "label")
+        names = getattr(source.features[self.label_column], "names", None) or []
+        model_ids = {str(name): int(index) for index, name in (id2label or {}).items()}
+        if names and all(name in model_ids for name in names):
+            self.to_model_label = {index: model_ids[name] for index, name in enumerate(names)}
+        elif require_model_labels and any(name != f"LABEL_{index}" for name, index in model_ids.items()):
+            unknown = [name for name in names if name not in model_ids]
+            raise ValueError(
+                f"The dataset's classes {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not among the model's "
+                f"labels {list(model_ids)[:10]}: name the dataset's classes (its class folders) after the model's "
+                "labels, so that each image is scored for its own class."
+            )
+        if len(source) == 0:
+            raise ValueError("The dataset holds no images.")
+
+    def __len__(self) -> int:
+        return len(self.labels) if self.dataset is None else len(self.dataset)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (B, 3, H, W), labels (B,)) for ``indices``."""
+        indices = list(indices)
+        if self.dataset is None:
+            return self.images[indices].float(), torch.as_tensor(self.labels)[indices]
+        rows = self.dataset[indices]
+        images = [to_rgb(image) for image in rows[self.image_column]]
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+        labels = rows[self.label_column]
+        if self.to_model_label is not None:
+            labels = [self.to_model_label[label] for label in labels]
+        return pixel_values, torch.tensor(labels)

@@ -7,7 +7,12 @@ for a few seconds, saves it, and writes a test set as an ``imagefolder`` tree (o
     bcos-hf localisation outputs/gridpg/model outputs/gridpg/squares --split test --grid 2 3 \\
         --methods bcos ixg gradcam random --smoothing 3
 
-scores the B-cos explanations against input x gradient, Grad-CAM and random maps on the same model.
+scores the B-cos explanations against input x gradient, Grad-CAM and random maps on the same model, and
+
+    bcos-hf evaluate outputs/gridpg/model --dataset outputs/gridpg/squares --split test --images 256 \\
+        --num-grids 32 --smoothing 3 --out results/explanation-metrics-squares
+
+scores every attribution method on every metric (GridPG, deletion, insertion, randomisation).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
 from bcos_hf.convert import convert
-from bcos_hf.localisation import SQUARE_COLOURS, coloured_squares
+from bcos_hf.synthetic import SQUARE_COLOURS, coloured_squares
 
 SIZE, PATCH = 16, 4
 

@@ -14,10 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bcos_hf  # noqa: F401
+from bcos_hf.convert import convert
+from bcos_hf.synthetic import SQUARE_COLOURS, coloured_squares
 
-from .families import save_family
+from .families import FAMILIES, save_family
 
 # Tests run tiny models: a second intra-op thread only adds synchronisation, and costs many times over when
 # another process shares the cores. Tests that need more threads set them themselves.
@@ -47,3 +50,23 @@ def run_without_bcos_hf(code: str, hf_home: Path, timeout: int = 240) -> subproc
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
+
+
+@pytest.fixture(scope="session")
+def trained_vit():
+    """A tiny B-cos ViT (16 px, 4 px patches) trained for a few seconds to tell four coloured squares apart
+    (``bcos_hf.synthetic``): a model whose explanations should point at the squares."""
+    colours = list(SQUARE_COLOURS)[:4]
+    torch.manual_seed(0)
+    source, processor = FAMILIES["vit"](image_size=16, patch_size=4, num_labels=4, id2label=dict(enumerate(colours)))
+    conversion = convert(source, image_processor=processor)
+    model = conversion.model.train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for step in range(80):
+        images, labels = coloured_squares(32, seed=step + 1)
+        logits = model(pixel_values=images).logits
+        loss = F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, len(colours)).float())  # the recipe's BCE
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval(), conversion.image_processor

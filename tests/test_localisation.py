@@ -5,50 +5,28 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
-import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from bcos_hf.attribution import grad_cam, input_x_gradient
 from bcos_hf.cli import main
-from bcos_hf.convert import convert
+from bcos_hf.data import ImageDataset
 from bcos_hf.localisation import (
-    SQUARE_COLOURS,
-    ImageDataset,
-    coloured_squares,
     confident_images,
-    grad_cam,
     grid_pointing_game,
-    input_x_gradient,
     pointing_scores,
     sample_grids,
     tile,
     window_offsets,
 )
+from bcos_hf.synthetic import SQUARE_COLOURS, coloured_squares
 
 from .families import FAMILIES
 
 COLOURS = list(SQUARE_COLOURS)[:4]
 SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def trained_vit():
-    """A tiny B-cos ViT (16 px, 4 px patches) trained for a few seconds to tell the colours apart."""
-    source, processor = FAMILIES["vit"](image_size=SIZE, patch_size=4, num_labels=4, id2label=dict(enumerate(COLOURS)))
-    conversion = convert(source, image_processor=processor)
-    model = conversion.model.train()
-    optimiser = torch.optim.Adam(model.parameters(), lr=5e-3)
-    for step in range(80):
-        images, labels = coloured_squares(32, seed=step + 1)
-        logits = model(pixel_values=images).logits
-        loss = F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, len(COLOURS)).float())  # the recipe's BCE
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return model.eval(), conversion.image_processor
 
 
 def test_trained_bcos_model_localises_far_above_chance_and_random_attributions_do_not(trained_vit):
