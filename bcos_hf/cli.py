@@ -64,6 +64,12 @@ def _add_convert(subparsers) -> None:
     parser.add_argument(
         "--image-std", type=finite_float, nargs=3, default=None, help="override the source's std (with --image-mean)"
     )
+    parser.add_argument(
+        "--no-batchnorm-calibration",
+        dest="batchnorm_calibration",
+        action="store_false",
+        help="keep the source's BatchNorm statistics (default: re-estimated on seeded noise after an inexact conversion)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists and is not empty")
     parser.set_defaults(handler=_run_convert)
 
@@ -81,6 +87,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         logit_temperature=args.logit_temperature,
         image_mean=args.image_mean,
         image_std=args.image_std,
+        batchnorm_calibration=args.batchnorm_calibration,
         overwrite=args.overwrite,
     )
     report = conversion.report
@@ -89,7 +96,8 @@ def _run_convert(args: argparse.Namespace) -> None:
         f"  B = {report.b:g}, biases kept: {report.keep_bias}, logit bias: {report.logit_bias:.4g}, "
         f"parameters: {report.parameters:,}\n"
         f"  equivalence check (B = 1, biases kept vs source): max |diff| = {report.equivalence_max_abs_diff:.3g}\n"
-        f"  {report.seconds:.2f} s; report: {report.output_dir}/conversion_report.json"
+        + (f"  BatchNorm statistics {report.batchnorm_calibration}\n" if report.batchnorm_calibration else "")
+        + f"  {report.seconds:.2f} s; report: {report.output_dir}/conversion_report.json"
     )
 
 

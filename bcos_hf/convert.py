@@ -21,6 +21,7 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, PreTrainedModel
 
+from .alignment import calibrate_batchnorm, has_batchnorm
 from .guards import atomic_folder, check_output_folder, dump_json, resolve_model_reference
 from .model_card import render_model_card
 from .modeling.adapters import get_adapter
@@ -76,6 +77,8 @@ class ConversionReport:
     image embeddings of image-text models) and the B = 1, biases-kept conversion's, on a fixed batch of seeded
     random images in [0, 1]."""
     equivalence_inputs: list[int]
+    batchnorm_calibration: str | None
+    """How the BatchNorm running statistics were re-estimated after the rewrite (None: kept from the source)."""
     seconds: float
     """Wall time of the whole conversion: loading, equivalence check, rewriting and saving."""
     bcos_hf_version: str
@@ -319,6 +322,30 @@ def probe_batch(config, image_processor) -> torch.Tensor:
     return torch.rand(EQUIVALENCE_BATCH, 3, height, width, generator=generator)
 
 
+CALIBRATION_IMAGES = 64
+"""Seeded uniform-noise images on which a converted BatchNorm network re-estimates its running statistics."""
+
+
+def calibrate_converted_batchnorms(model: BcosPreTrainedModel, probe: torch.Tensor) -> str | None:
+    """Re-estimate the BatchNorm running statistics of an inexact conversion; returns what was done, for the report.
+
+    A conversion to B > 1 shrinks every layer's output by ``|cos|`` while each BatchNorm still divides by the
+    source's running variance, so a deep BatchNorm network (MobileNetV2) outputs exact zeros and its logits tie
+    (README, "Keeping what the original knows"). Statistics measured on the converted model itself restore the
+    scale. Seeded uniform noise at the source resolution needs no data and measured better than Fashion-MNIST
+    images for the frozen-feature probe. Users with images can calibrate again on them
+    (``bcos_hf.alignment.calibrate_batchnorm``).
+    """
+    if not has_batchnorm(model):
+        return None
+    generator = torch.Generator().manual_seed(EQUIVALENCE_SEED + 1)
+    batch = 16
+    batches = [torch.rand(batch, *probe.shape[1:], generator=generator) for _ in range(CALIBRATION_IMAGES // batch)]
+    calibrate_batchnorm(model, batches)
+    height, width = probe.shape[2:]
+    return f"re-estimated on {CALIBRATION_IMAGES} seeded uniform-noise images of {height} x {width} px"
+
+
 def rewrite_checked(
     source_model: PreTrainedModel,
     adapter: ArchitectureAdapter,
@@ -409,6 +436,7 @@ def convert(
     image_processor=None,
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
+    batchnorm_calibration: bool = True,
     overwrite: bool = False,
 ) -> Conversion:
     """Convert a checkpoint of a supported family (see ``ADAPTERS``) into a B-cos model.
@@ -429,6 +457,9 @@ def convert(
         logit_temperature: the logits are divided by it.
         image_processor: the source's image processor, when ``source`` is a model or has none saved.
         image_mean, image_std: the source's input normalisation, overriding the processor's (both or neither).
+        batchnorm_calibration: BatchNorm networks converted inexactly (B > 1 or biases removed) re-estimate their
+            running statistics on seeded noise images (``calibrate_converted_batchnorms``); exact conversions
+            never do.
         overwrite: replace an existing non-empty ``output_dir``.
 
     Returns:
@@ -460,6 +491,8 @@ def convert(
         source_checkpoint=source_name,
         source_architecture=source_architecture,
     )
+    exact = b == 1 and keep_bias
+    calibration = calibrate_converted_batchnorms(model, probe) if batchnorm_calibration and not exact else None
     image_processor, processor = _processors(source, model_class, image_processor)
     report = ConversionReport(
         source=source_name,
@@ -471,6 +504,7 @@ def convert(
         parameters=sum(p.numel() for p in model.parameters()),
         equivalence_max_abs_diff=gap,
         equivalence_inputs=list(probe.shape),
+        batchnorm_calibration=calibration,
         seconds=0.0,
         bcos_hf_version=_bcos_hf_version(),
     )

@@ -12,7 +12,15 @@ from bcos_hf import BcosForImageClassification, BcosModel, UncentredBatchNorm2d,
 from bcos_hf.convert import convert
 
 from .conftest import run_without_bcos_hf
-from .families import FAMILIES, assert_same_outputs, normalised, random_images, save_family
+from .families import (
+    FAMILIES,
+    assert_same_outputs,
+    normalised,
+    random_images,
+    randomise,
+    randomise_running_statistics,
+    save_family,
+)
 
 CNN_FAMILIES = ("convnext", "resnet", "mobilenet_v2")
 
@@ -164,3 +172,30 @@ def test_unsupported_family_lists_the_supported_ones(tmp_path):
     with pytest.raises(UnsupportedModelError, match="model_type 'swin'") as error:
         convert(tmp_path / "swin")
     assert all(family in str(error.value) for family in (*CNN_FAMILIES, "vit"))
+
+
+@pytest.mark.parametrize("family", ["mobilenet_v2", "resnet"])
+def test_inexact_conversions_re_estimate_batchnorm_statistics_and_exact_ones_never(family):
+    source, processor = FAMILIES[family]()
+    source = randomise_running_statistics(randomise(source)).eval()
+    source_variances = [m.running_var.clone() for m in source.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    def variances(conversion):
+        return [m.running_var for m in conversion.model.modules() if getattr(m, "running_var", None) is not None]
+
+    default = convert(source, image_processor=processor)
+    assert "uniform-noise images" in default.report.batchnorm_calibration
+    assert all(not torch.equal(a, b) for a, b in zip(variances(default), source_variances, strict=True))
+    again = convert(source, image_processor=processor)
+    assert all(torch.equal(a, b) for a, b in zip(variances(again), variances(default), strict=True))  # seeded
+    for kept in (
+        convert(source, image_processor=processor, batchnorm_calibration=False),
+        convert(source, image_processor=processor, b=1, keep_bias=True),
+    ):
+        assert kept.report.batchnorm_calibration is None
+        assert all(torch.equal(a, b) for a, b in zip(variances(kept), source_variances, strict=True))
+
+
+def test_conversions_without_batchnorm_report_no_calibration():
+    source, processor = FAMILIES["convnext"]()
+    assert convert(randomise(source), image_processor=processor).report.batchnorm_calibration is None

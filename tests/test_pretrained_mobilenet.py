@@ -49,3 +49,25 @@ def test_equivalence_mode_matches_the_real_model_on_real_photos(mobilenet_dir, t
     assert actual.argmax(-1).tolist() == expected.argmax(-1).tolist()
     for (name, label), predicted in zip(PHOTOS.items(), expected.argmax(-1).tolist(), strict=True):
         assert label is None or predicted == label, (name, predicted)
+
+
+def test_default_conversion_keeps_the_features_alive(mobilenet_dir):
+    """B = 2 without biases: with the source's BatchNorm statistics every pooled feature is exactly zero and the
+    logits tie; the default conversion re-estimates them, so features and logits vary with the photo."""
+    photos = [Image.fromarray(getattr(skimage_data, name)()) for name in PHOTOS]
+
+    def pooled_and_logits(model, processor):
+        pixels = processor(photos, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            pooled = model.network.base_model(pixel_values=model.encode_pixels(pixels)).pooler_output.flatten(1)
+            return pooled, model(pixel_values=pixels).logits
+
+    dead = convert(mobilenet_dir, batchnorm_calibration=False)
+    pooled, logits = pooled_and_logits(dead.model.eval(), dead.image_processor)
+    assert pooled.abs().max() == 0 and logits.std(dim=1).max() == 0
+
+    alive = convert(mobilenet_dir)
+    assert alive.report.batchnorm_calibration is not None
+    pooled, logits = pooled_and_logits(alive.model.eval(), alive.image_processor)
+    assert (pooled.abs().sum(dim=0) > 0).float().mean() > 0.9  # nearly every feature fires on some photo
+    assert logits.std(dim=1).min() > 0 and not torch.equal(pooled[0], pooled[1])
