@@ -21,6 +21,7 @@ CONV_SHAPES = [
     dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
     dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=1, groups=2),
     dict(in_channels=4, out_channels=8, kernel_size=3, padding=2, dilation=2, groups=4),  # depthwise, multiplier 2
+    dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4),  # depthwise (ConvNeXt's): norm per unit
 ]
 
 
@@ -82,6 +83,24 @@ def test_fast_path_gradients_equal_the_plain_formula(layer, shape, plain, explai
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
     if not explaining and layer.b != 1:  # explanation mode's gradient is W(x) by design, not the derivative
         assert torch.autograd.gradcheck(lambda x, w: fast(layer, x, w), (x, weight), fast_mode=True)
+
+
+@pytest.mark.parametrize("explaining", [False, True], ids=["train", "explain"])
+def test_depthwise_conv_gives_the_same_values_and_gradients_in_channels_last(explaining):
+    """ConvNeXt feeds its depthwise convolutions channels-last tensors (a permuted residual stream): the output,
+    viewed per unit without a copy, and every gradient are those of the contiguous input."""
+    layer = BcosConv2d(6, 6, 7, padding=3, groups=6, b=2.0).double()
+    layer.explaining = explaining
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        inputs = x.clone(memory_format=memory_format).requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        out = layer(inputs)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out))
+        results.append((out, inputs.grad, layer.weight.grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 WINDOWS = {"rows": None, "grouped-windows": (2, (3, 3), (2, 1), (1, 1), (1, 2))}

@@ -39,7 +39,8 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 # Elementwise kernels on (A, C, B) views: ``out`` and the gradients are (A, C, B); ``norm`` is
 # ``sqrt(||x||^2 + eps)`` of the input row (linear) or receptive field (conv group), (A, 1, B) in float32,
-# broadcast over the C output units that share it. Norms, squares and reductions are float32; the B = 2 kernels are chains of
+# broadcast over the C output units that share it (depthwise convolutions: (N, C, H*W) for out and norm alike,
+# one norm per unit, a view of the output in any memory format). Norms, squares and reductions are float32; the B = 2 kernels are chains of
 # in-place operations on one fresh tensor of the activation dtype (the cosine is formed before the
 # product, so float16 does not overflow): three passes over the activation in the forward, four in the
 # backward. On CUDA, tensors of ``FUSION.min_bytes`` and more run them as one fused kernel (``launch``).
@@ -55,12 +56,13 @@ def _norm(norm_sq: torch.Tensor) -> torch.Tensor:
     return norm_sq.add_(NORM_EPS).sqrt_()
 
 
-def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(dim=1, keepdim=True)``, accumulated in float32 (float64 for float64 input).
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``(a * b)`` summed over the output units that share a norm (dim 1, unless ``norm`` has one per unit, as
+    depthwise windows do), accumulated in float32 (float64 for float64 input).
 
     For linear layers (B = 1) on CUDA, eagerly, one batched dot product; elsewhere the product in the inputs'
     dtype and a float32 sum, which on the CPU is some 3x faster than ``bmm`` of 1 x C by C x 1 matrices."""
-    if a.shape[1] == 1:  # one unit per norm (depthwise windows): nothing to sum
+    if norm.shape[1] == a.shape[1]:  # one unit per norm: nothing to sum
         return wide(a * b)
     if a.is_cuda and a.shape[2] == 1 and not torch.compiler.is_compiling():
         return wide(torch.bmm(a.transpose(1, 2), b))
@@ -85,7 +87,7 @@ def scale2_backward(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> 
     ``dy/dn = -y / n`` need only ``y`` (which the next layer saves anyway) and the norm. Returns the
     gradient to ``out`` and ``dL/dn / n`` per row or window (what the input gradient of the norm needs)."""
     grad_out = y.abs().div_(_per_unit(norm * 0.25, y)).sqrt_().mul_(grad)
-    return grad_out, _sum_of_products(grad, y).div_(norm.square()).neg_()
+    return grad_out, _sum_of_products(grad, y, norm).div_(norm.square()).neg_()
 
 
 def scale2_backward_detached(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,7 @@ def scale_backward(
     cos = out_wide.abs() / norm
     slope = (b - 1) * (cos + SCALE_EPS).pow(b - 2) * cos
     grad_out = grad_wide * ((cos + SCALE_EPS).pow(b - 1) + slope)
-    return grad_out.to(grad.dtype), -_sum_of_products(grad_wide * out_wide, slope) / norm.square()
+    return grad_out.to(grad.dtype), -_sum_of_products(grad_wide * out_wide, slope, norm) / norm.square()
 
 
 def scale_backward_detached(
@@ -225,6 +227,8 @@ def _norm_input_grad(x: torch.Tensor, coef: torch.Tensor, window: Window | None)
         per_group = torch.nn.grad.conv2d_input(
             (x.shape[0], groups, *x.shape[2:]), ones, coef, stride, padding, dilation, groups
         )
+    if groups == x.shape[1]:  # depthwise
+        return x * per_group.to(x.dtype)
     return (x.unflatten(1, (groups, -1)) * per_group.unsqueeze(2).to(x.dtype)).flatten(1, 2)
 
 
@@ -242,7 +246,7 @@ def _scaled(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
     """The forward of the B-cos factor: ``y``, the norm (A, 1, B) and the shape of the per-row/window norms."""
     norm_sq = _norm_sq(x, window)
-    norm = _norm(norm_sq.reshape(out.shape[0], 1, out.shape[2]))
+    norm = _norm(norm_sq.reshape(out.shape[0], -1, out.shape[2]))
     y = launch(scale2_forward, out, norm) if _is_two(b) else launch(scale_forward, out, norm, b)
     return y, norm, norm_sq.shape
 
@@ -285,7 +289,8 @@ def bcos_scale(out: torch.Tensor, x: torch.Tensor, window: Window | None, b: Exp
 
     ``out`` is ``w^T x`` (raw or unit-norm weights) viewed as (A, C, B): C output units share one input
     norm, the norm of a row of ``x`` (``window`` None; B = 1) or of a receptive field of a convolution
-    group (``window``, see ``_norm_sq``). The result has ``out``'s dtype and shape. ``detached``: explanation
+    group (``window``, see ``_norm_sq``); a depthwise convolution's output may come as (N, C, H*W), one norm
+    per unit. The result has ``out``'s dtype and shape. ``detached``: explanation
     mode, the factor is a constant.
     """
     if torch.is_grad_enabled():

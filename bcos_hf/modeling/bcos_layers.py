@@ -196,7 +196,10 @@ class BcosConv2d(BExponent, nn.Conv2d, ExplainableMixin):
         x = autocast_input(x)
         out = self._conv_forward(x, weight, self.bias)
         batch, channels, height, width = out.shape
-        grouped = out.reshape(batch * self.groups, channels // self.groups, height * width)
+        if self.groups == channels:  # depthwise: one norm per output unit, (N, C, H*W) is a view in any layout
+            grouped = out.flatten(2)
+        else:
+            grouped = out.reshape(batch * self.groups, channels // self.groups, height * width)
         return bcos_scale(grouped, x, self._window, self._b_argument(), self.explaining).reshape(out.shape)
 
     def extra_repr(self) -> str:
