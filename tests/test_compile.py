@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import pipeline
+from transformers import AutoModelForImageClassification, pipeline
 
-from bcos_hf import explanation_mode
+from bcos_hf import BcosConv2d, BcosLinear, explanation_mode
 from bcos_hf.convert import convert
 from bcos_hf.training import BcosTrainingArguments, compiles_by_default, set_b
 
@@ -140,3 +140,26 @@ def test_trainer_compiles_by_default_on_cuda_only(tmp_path, monkeypatch):
     assert compiles_by_default(SimpleNamespace(use_cpu=False, alignment_weight=0.0))
     assert not compiles_by_default(SimpleNamespace(use_cpu=False, alignment_weight=1.0))
     assert not compiles_by_default(SimpleNamespace(use_cpu=True, alignment_weight=0.0))
+
+
+def test_b_is_a_float_for_people_and_a_float32_tensor_for_graphs(tmp_path):
+    """Setting ``b`` keeps the kind of path and the exponent tensor in step; the tensor is not a buffer (not saved,
+    not cast with the model's dtype) and a loaded model's layers carry the config's B."""
+    layer = BcosLinear(4, 3, b=1.5)
+    assert (layer.b, layer.b_kind, layer.b_exponent.item()) == (1.5, "general", 1.5)
+    layer.double()
+    assert layer.b_exponent.dtype == torch.float32 and "b_exponent" not in layer.state_dict()
+    layer.b = 2
+    assert (layer.b, layer.b_kind) == (2.0, "two")
+    layer.b = 1
+    assert layer.b_kind == "plain"
+    with pytest.raises(ValueError, match="B must be a number >= 1"):
+        layer.b = 0.5
+    assert layer.b == 1.0
+
+    _, source_dir = save_family("convnext", tmp_path / "source")
+    convert(str(source_dir), tmp_path / "bcos", b=2.5)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "bcos")
+    layers = [module for module in loaded.modules() if isinstance(module, (BcosLinear, BcosConv2d))]
+    assert layers and all(layer.b_kind == "general" and layer.b_exponent.item() == 2.5 for layer in layers)
+    assert all(layer.b_exponent.device == layer.weight.device for layer in layers)

@@ -11,6 +11,8 @@ Part of the remote-loadable model code: imports only torch and siblings, with si
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,7 +61,8 @@ class BExponent:
         device = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
         self.b_exponent = torch.tensor(value, dtype=torch.float32, device=device)
 
-    def _apply(self, fn, recurse: bool = True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """``Module.to``/``cuda``/``half`` and the like, then the exponent tensor to the weight's (new) device."""
         module = super()._apply(fn, recurse)  # type: ignore[misc]
         if self.weight.device.type != "meta":
             self.b_exponent = self.b_exponent.to(self.weight.device)
