@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForImageClassification, ImageClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .modeling.explanation_bcos import OPACITY_PERCENTILE, SMOOTHING_KERNEL, BcosExplanation
+from .modeling.explanation_bcos import OPACITY_PERCENTILE, SMOOTHING_KERNEL, BcosExplanation, Compile
 
 TASK = "image-explanation"
 
@@ -40,7 +40,7 @@ class ImageExplanationPipeline(ImageClassificationPipeline):
         percentile: float | None = None,
         with_image: bool | None = None,
         timeout: float | None = None,
-        compile: bool | str | None = None,
+        compile: Compile | None = None,
     ):
         preprocess_params = {"timeout": timeout} if timeout is not None else {}
         forward_params = {"target": target}
@@ -54,7 +54,7 @@ class ImageExplanationPipeline(ImageClassificationPipeline):
         return preprocess_params, forward_params, postprocess_params
 
     def _forward(
-        self, model_inputs, target: int | str | None = None, compile: bool | str = False
+        self, model_inputs, target: int | str | None = None, compile: Compile = False
     ) -> dict[str, torch.Tensor]:
         """One explanation of the batch (``explain`` turns autograd back on inside the pipeline's no_grad)."""
         if not hasattr(self.model, "explain"):

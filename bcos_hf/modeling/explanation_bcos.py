@@ -158,9 +158,14 @@ def explain_scores(
     )
 
 
-def compiled(model: nn.Module, compile: bool | str = False) -> Callable:
+Compile = bool | str | Callable
+"""How ``explain`` runs the model: False (eagerly), True (``torch.compile`` with inductor) or a backend (name or
+callable, as ``torch.compile`` takes it)."""
+
+
+def compiled(model: nn.Module, compile: Compile = False) -> Callable:
     """``model`` itself, or (``compile``) the whole model under ``torch.compile(fullgraph=True)``: True for the
-    default backend (inductor), or a backend's name. Dynamo keeps the graphs with the model's code, so a fresh
+    default backend (inductor), or a backend (name or callable). Dynamo keeps the graphs with the model's code, so a fresh
     wrapper per call compiles only the first time (and once more, with a dynamic batch, when the batch size
     changes); explanation mode and the training flag are guarded, each state compiles once."""
     if not compile:
@@ -169,7 +174,7 @@ def compiled(model: nn.Module, compile: bool | str = False) -> Callable:
 
 
 def explain(
-    model: nn.Module, pixel_values: torch.Tensor, target: Target = None, compile: bool | str = False, **kwargs
+    model: nn.Module, pixel_values: torch.Tensor, target: Target = None, compile: Compile = False, **kwargs
 ) -> BcosExplanation:
     """``model.explain``: classifiers explain a logit; backbones a pooled feature or a callable's score.
     ``compile``: run the forward compiled (see ``compiled``)."""

@@ -25,7 +25,7 @@ from .adapters import get_adapter
 from .bcos_layers import LogitLayer
 from .configuration_bcos import BcosConfig
 from .explainable import explanation_mode
-from .explanation_bcos import BcosExplanation, Target, explain
+from .explanation_bcos import BcosExplanation, Compile, Target, explain
 from .rewriting import RewriteOptions, bcosify
 
 PIXEL_RANGE_TOLERANCE = 1e-3
@@ -157,7 +157,7 @@ class BcosPreTrainedModel(PreTrainedModel):
         return explanation_mode(self, enabled)
 
     def explain(
-        self, pixel_values: torch.Tensor, target: Target = None, compile: bool | str = False, **kwargs
+        self, pixel_values: torch.Tensor, target: Target = None, compile: Compile = False, **kwargs
     ) -> BcosExplanation:
         """Explain a batch in one forward and one backward: ``W(x)``, the contribution maps and their pictures.
 
