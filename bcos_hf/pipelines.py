@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForImageClassification, ImageClassificationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .modeling.explanation_bcos import OPACITY_PERCENTILE, SMOOTHING_KERNEL, BcosExplanation
+from .modeling.explanation_bcos import OPACITY_PERCENTILE, SMOOTHING_KERNEL, BcosExplanation, Compile
 
 TASK = "image-explanation"
 
@@ -25,6 +25,8 @@ class ImageExplanationPipeline(ImageClassificationPipeline):
         target: what to explain for every image: None (the predicted class), a class index or a label name.
         smoothing, percentile: how the coloured explanation is rendered (``BcosExplanation.rgba``).
         with_image: put the input image on the left of each picture.
+        compile: explain with the model compiled whole (True: inductor, or a ``torch.compile`` backend name);
+            pays off over many batches of one size (``batch_size=`` keeps them alike).
 
     Returns, per image, a dict with ``label`` and ``score`` (the prediction, softmax), ``target`` (the explained
     label), ``logit`` and ``residual`` of the explained class, ``explanation`` (PIL RGBA), ``heatmap`` (PIL RGB)
@@ -57,9 +59,12 @@ class ImageExplanationPipeline(ImageClassificationPipeline):
         percentile: float | None = None,
         with_image: bool | None = None,
         timeout: float | None = None,
+        compile: Compile | None = None,
     ):
         preprocess_params = {"timeout": timeout} if timeout is not None else {}
         forward_params = {"target": target}
+        if compile is not None:  # given at construction, it holds for every call that does not say otherwise
+            forward_params["compile"] = compile
         postprocess_params = {
             "smoothing": SMOOTHING_KERNEL if smoothing is None else smoothing,
             "percentile": OPACITY_PERCENTILE if percentile is None else percentile,
@@ -67,14 +72,16 @@ class ImageExplanationPipeline(ImageClassificationPipeline):
         }
         return preprocess_params, forward_params, postprocess_params
 
-    def _forward(self, model_inputs, target: int | str | None = None) -> dict[str, torch.Tensor]:
+    def _forward(
+        self, model_inputs, target: int | str | None = None, compile: Compile = False
+    ) -> dict[str, torch.Tensor]:
         """One explanation of the batch (``explain`` turns autograd back on inside the pipeline's no_grad)."""
         if not hasattr(self.model, "explain"):
             raise ValueError(
                 f"The image-explanation pipeline needs a B-cos model (with .explain); got {type(self.model).__name__}. "
                 "Convert it first: bcos-hf convert SOURCE OUTPUT_DIR."
             )
-        explanation = self.model.explain(model_inputs["pixel_values"], target=target)
+        explanation = self.model.explain(model_inputs["pixel_values"], target=target, compile=compile)
         return {
             "logits": explanation.logits,
             "target": explanation.target,

@@ -160,6 +160,14 @@ class BcosTrainingArguments(TrainingArguments):
             "'encoder.layer.*'); default: the architecture's own list (its adapter's alignment_blocks)."
         },
     )
+    torch_compile: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Compile the model whole with torch.compile (torch_compile_backend, default inductor). Default: "
+            "on when training on CUDA without feature alignment (its per-step hooks would recompile), off on "
+            "the CPU; True or False decides."
+        },
+    )
     freeze_batchnorm_statistics: bool = field(
         default=False,
         metadata={
@@ -169,6 +177,8 @@ class BcosTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.torch_compile is None:
+            self.torch_compile = compiles_by_default(self)
         super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}.")
@@ -231,6 +241,13 @@ class BcosTrainingArguments(TrainingArguments):
         memo[id(self)] = clone
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return clone
+
+
+def compiles_by_default(args: BcosTrainingArguments) -> bool:
+    """Whether ``BcosTrainer`` compiles when ``torch_compile`` is not given: on CUDA, where the B-cos layers'
+    extra elementwise work and host time cost most in eager mode (README, Performance), unless feature
+    alignment adds and removes hooks every step; not on the CPU, where compilation takes minutes."""
+    return not args.use_cpu and torch.cuda.is_available() and not args.alignment_weight > 0
 
 
 def source_with_labels(source: str | Path, labels: list[str]) -> PreTrainedModel:

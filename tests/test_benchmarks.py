@@ -36,7 +36,7 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     assert saved["environment"]["torch"]
     table = (tmp_path / "results.md").read_text()
     assert table == markdown(saved)
-    assert "| tiny ViT | cpu | fp32 | 2 |" in table and "saved_bytes, cpu fp32" in table
+    assert "| tiny ViT | cpu | fp32 | eager | 2 |" in table and "saved_bytes, cpu fp32 eager" in table
 
 
 def test_host_time_reports_a_ratio_per_step():
@@ -45,3 +45,27 @@ def test_host_time_reports_a_ratio_per_step():
     results = host_time(["--pairs", "1"])
     assert set(results) == {"forward", "train", "explain"}
     assert all(figure["ratio"] > 0 for figure in results.values())
+
+
+def test_compiled_benchmark_runs_both_models_compiled(tmp_path, monkeypatch):
+    """``--compile`` (what ``benchmarks/gpu_check.sh`` runs on the GPU), here with dynamo alone (backend "eager"): both
+    models go through ``torch.compile``, the compilations stay out of the timed pairs, and the rows say so."""
+    import torch
+
+    compiled = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **options):
+        compiled.append((type(model).__name__, options))
+        return real_compile(model, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    arguments = ["--quick", "--devices", "cpu", "--dtypes", "fp32", "--models", "tiny ViT", "--iterations", "1"]
+    results = main([*arguments, "--warmup", "0", "--compile", "--compile-backend", "eager", "--out", str(tmp_path)])
+    options = {"fullgraph": True, "dynamic": False, "backend": "eager", "mode": None}
+    assert compiled == [("ViTForImageClassification", options), ("BcosForImageClassification", options)]
+    assert results["settings"]["cpu"]["warmup"] == 1
+    [row] = results["rows"]
+    assert row["mode"] == "compiled" and "saved_bytes" not in row
+    assert all(row[figure]["ratio"] > 0 for figure in ("forward", "train", "explain"))
+    assert "| tiny ViT | cpu | fp32 | compiled | 2 |" in (tmp_path / "results.md").read_text()

@@ -1,8 +1,10 @@
-"""Multi-process training: ``torchrun`` with 2 CPU processes (gloo DDP) runs BcosTrainer unchanged."""
+"""Multi-process training on 2 CPU processes over gloo: ``torchrun`` (DDP) and ``accelerate launch`` with the packaged
+FSDP2 config run BcosTrainer unchanged."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .train_tiny import load, main, save_tiny_bcos
+from bcos_hf.training import adaptive_clip_grad_, bce_loss
+
+from .train_tiny import TinyImages, load, main, save_tiny_bcos
 
 SCRIPT = Path(__file__).with_name("train_tiny.py")
 
@@ -81,3 +85,49 @@ def test_saving_under_fsdp2_keeps_the_bcos_model_code(tmp_path, monkeypatch):
     auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageClassification"] == "modeling_bcos.BcosForImageClassification"
     assert type(AutoModelForImageClassification.from_pretrained(saved)).__name__ == "BcosForImageClassification"
+
+
+FSDP_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate_configs" / "fsdp.yaml"
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_trains_saves_reloads_and_resumes(tmp_path):
+    """BcosTrainer under the packaged FSDP2 accelerate config, 2 CPU processes over gloo (``train_tiny.fsdp_on_cpu``
+    lets accelerate shard on the CPU): the parameters are DTensor shards, both ranks gather the same weights, and
+    they match one process with the same global batch, so adaptive clipping, which works per row of each shard,
+    clipped as on the full weights (and it does clip here: see the end). A checkpoint saved mid-run loads with
+    ``from_pretrained``, and resuming from it ends at the same weights as the uninterrupted run."""
+    model_dir = save_tiny_bcos(tmp_path / "model")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)]
+    launch += ["--mixed_precision", "no", "--main_process_port", "29519"]
+    steps = ["--max_steps", "4", "--batch_size", "4", "--save_steps", "2"]
+    run_script(str(model_dir), str(tmp_path / "fsdp"), *steps, launcher=launch)
+    train_in_process(str(model_dir), str(tmp_path / "single"), "--max_steps", "4", "--batch_size", "8")
+
+    rank0 = load_file(tmp_path / "fsdp" / "final-rank0.safetensors")
+    rank1 = load_file(tmp_path / "fsdp" / "final-rank1.safetensors")
+    single = load_file(tmp_path / "single" / "final-rank0.safetensors")
+    start = load(model_dir).state_dict()
+    assert rank0.keys() == rank1.keys() == single.keys() == start.keys()
+    for name in rank0:
+        torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=f"ranks differ: {name}")
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6, msg=f"FSDP != 1 process: {name}")
+    assert any(not torch.equal(rank0[name], start[name]) for name in rank0)  # it did train
+
+    reloaded = load(tmp_path / "fsdp" / "checkpoint-4").state_dict()
+    for name in rank0:
+        torch.testing.assert_close(reloaded[name], rank0[name], rtol=0, atol=0, msg=f"checkpoint differs: {name}")
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    run_script(str(model_dir), str(resumed_dir), *steps, "--resume", launcher=launch)
+    resumed = load_file(resumed_dir / "final-rank0.safetensors")
+    for name in rank0:
+        torch.testing.assert_close(resumed[name], rank0[name], rtol=1e-6, atol=1e-7, msg=f"resume differs: {name}")
+
+    model = load(model_dir).train()
+    batch = next(iter(torch.utils.data.DataLoader(TinyImages(), batch_size=8)))
+    bce_loss(model(pixel_values=batch["pixel_values"]).logits, batch["labels"]).backward()
+    grads = [parameter.grad.clone() for parameter in model.parameters()]
+    adaptive_clip_grad_(model.parameters())
+    assert any(not torch.equal(parameter.grad, grad) for parameter, grad in zip(model.parameters(), grads, strict=True))

@@ -63,6 +63,39 @@ class StepDelay(TrainerCallback):
         time.sleep(self.seconds)
 
 
+def full_weights(trainer) -> dict[str, torch.Tensor]:
+    """The model's full weights on this rank: under FSDP2 every DTensor shard is all-gathered (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    state = trainer.model_wrapped.state_dict()
+    return {name: value.full_tensor() if isinstance(value, DTensor) else value for name, value in state.items()}
+
+
+def fsdp_on_cpu() -> None:
+    """Let accelerate shard with FSDP on CPU processes (gloo), for the FSDP test.
+
+    accelerate (1.15) enters its FSDP state only on accelerators and falls back to DDP on the CPU, although
+    torch's ``fully_shard`` runs on CPU tensors over gloo. Under ``accelerate launch`` with an FSDP config (its
+    ``ACCELERATE_USE_FSDP``), this switches the state to FSDP with the plugin the launch configured, as
+    accelerate does on GPUs; everything after (wrapping, clipping, gathering, saving) is the real code path.
+    """
+    from accelerate import state
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    original_init = state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs) -> None:
+        original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == state.DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            # Both shared states: every later AcceleratorState() copies the process state over its own.
+            state.PartialState._shared_state["distributed_type"] = state.DistributedType.FSDP
+            self.distributed_type = state.DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    state.AcceleratorState.__init__ = init
+
+
 def main(argv: list[str] | None = None) -> None:
     import bcos_hf  # noqa: F401  (Auto classes)
     from bcos_hf.training import BcosTrainer, BcosTrainingArguments
@@ -81,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
 
     torch.set_num_threads(1)
+    fsdp_on_cpu()
     args = BcosTrainingArguments(
         output_dir=str(options.output_dir),
         max_steps=options.max_steps,
@@ -109,7 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     parameter = next(trainer.model_wrapped.parameters())
     print(f"train_tiny: rank {rank}, fsdp {trainer.is_fsdp_enabled}, parameters are {type(parameter).__name__}")
-    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathered under FSDP (on rank 0)
+    if trainer.is_fsdp_enabled:  # on every rank, so that the ranks can be compared
+        state = full_weights(trainer)
+    else:
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if state:
         weights = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
         save_file(weights, str(options.output_dir / f"final-rank{rank}.safetensors"))

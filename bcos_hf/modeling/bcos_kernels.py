@@ -39,7 +39,8 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 # Elementwise kernels on (A, C, B) views: ``out`` and the gradients are (A, C, B); ``norm`` is
 # ``sqrt(||x||^2 + eps)`` of the input row (linear) or receptive field (conv group), (A, 1, B) in float32,
-# broadcast over the C output units that share it. Norms, squares and reductions are float32; the B = 2 kernels are chains of
+# broadcast over the C output units that share it (depthwise convolutions: (N, C, H*W) for out and norm alike,
+# one norm per unit, a view of the output in any memory format). Norms, squares and reductions are float32; the B = 2 kernels are chains of
 # in-place operations on one fresh tensor of the activation dtype (the cosine is formed before the
 # product, so float16 does not overflow): three passes over the activation in the forward, four in the
 # backward. On CUDA, tensors of ``FUSION.min_bytes`` and more run them as one fused kernel (``launch``).
@@ -55,37 +56,52 @@ def _norm(norm_sq: torch.Tensor) -> torch.Tensor:
     return norm_sq.add_(NORM_EPS).sqrt_()
 
 
-def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(dim=1, keepdim=True)`` in float32; for linear layers (B = 1) eagerly one batched dot product."""
-    if not torch.compiler.is_compiling() and a.shape[2] == 1:
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``(a * b)`` summed over the output units that share a norm (dim 1, unless ``norm`` has one per unit, as
+    depthwise windows do), accumulated in float32 (float64 for float64 input).
+
+    For linear layers (B = 1) on CUDA, eagerly, one batched dot product; elsewhere the product in the inputs'
+    dtype and a float32 sum, which on the CPU is some 3x faster than ``bmm`` of 1 x C by C x 1 matrices."""
+    if norm.shape[1] == a.shape[1]:  # one unit per norm: nothing to sum
+        return wide(a * b)
+    if a.is_cuda and a.shape[2] == 1 and not torch.compiler.is_compiling():
         return wide(torch.bmm(a.transpose(1, 2), b))
-    return (wide(a) * wide(b)).sum(dim=1, keepdim=True)
+    return (a * b).sum(dim=1, keepdim=True, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
+
+
+def _per_unit(norm: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``norm`` for the elementwise work on ``like``: in ``like``'s dtype where one norm is shared by several
+    output units (broadcast), since CPU kernels that both broadcast and mix dtypes run an unvectorised loop
+    (some 20x slower in bf16); a norm per unit (depthwise windows) stays float32 (no broadcast, no extra pass)."""
+    if norm.shape[1] == like.shape[1]:
+        return norm
+    return norm.to(like.dtype)
 
 
 def scale2_forward(out: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    return out.abs().div_(norm).mul_(out)
+    return out.abs().div_(_per_unit(norm, out)).mul_(out)
 
 
 def scale2_backward(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """B = 2 from the saved output: ``|out| / n = sqrt(|y| / n)``, so ``dy/dout = 2|out|/n`` and
     ``dy/dn = -y / n`` need only ``y`` (which the next layer saves anyway) and the norm. Returns the
     gradient to ``out`` and ``dL/dn / n`` per row or window (what the input gradient of the norm needs)."""
-    grad_out = y.abs().div_(norm * 0.25).sqrt_().mul_(grad)
-    return grad_out, _sum_of_products(grad, y).div_(norm.square()).neg_()
+    grad_out = y.abs().div_(_per_unit(norm * 0.25, y)).sqrt_().mul_(grad)
+    return grad_out, _sum_of_products(grad, y, norm).div_(norm.square()).neg_()
 
 
 def scale2_backward_detached(grad: torch.Tensor, y: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """Explanation mode, B = 2: ``y = s * out`` with the constant ``s = |out| / n``, so ``dy/dout = s``."""
-    return y.abs().div_(norm).sqrt_().mul_(grad)
+    return y.abs().div_(_per_unit(norm, y)).sqrt_().mul_(grad)
 
 
-def scale_forward(out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
+def scale_forward(out: torch.Tensor, norm: torch.Tensor, b: float | torch.Tensor) -> torch.Tensor:
     out_wide = wide(out)
     return (out_wide * (out_wide.abs() / norm + SCALE_EPS).pow(b - 1)).to(out.dtype)
 
 
 def scale_backward(
-    grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float
+    grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """General B: with ``c = |out| / n`` and ``s = (c + eps)^(B-1)``, ``dy/dout = s + c s'(c)`` and
     ``dy/dn = -out c s'(c) / n``, where ``s'(c) = (B-1)(c + eps)^(B-2)``."""
@@ -93,10 +109,12 @@ def scale_backward(
     cos = out_wide.abs() / norm
     slope = (b - 1) * (cos + SCALE_EPS).pow(b - 2) * cos
     grad_out = grad_wide * ((cos + SCALE_EPS).pow(b - 1) + slope)
-    return grad_out.to(grad.dtype), -_sum_of_products(grad_wide * out_wide, slope) / norm.square()
+    return grad_out.to(grad.dtype), -_sum_of_products(grad_wide * out_wide, slope, norm) / norm.square()
 
 
-def scale_backward_detached(grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float) -> torch.Tensor:
+def scale_backward_detached(
+    grad: torch.Tensor, out: torch.Tensor, norm: torch.Tensor, b: float | torch.Tensor
+) -> torch.Tensor:
     return (wide(grad) * (wide(out).abs() / norm + SCALE_EPS).pow(b - 1)).to(grad.dtype)
 
 
@@ -209,16 +227,27 @@ def _norm_input_grad(x: torch.Tensor, coef: torch.Tensor, window: Window | None)
         per_group = torch.nn.grad.conv2d_input(
             (x.shape[0], groups, *x.shape[2:]), ones, coef, stride, padding, dilation, groups
         )
+    if groups == x.shape[1]:  # depthwise
+        return x * per_group.to(x.dtype)
     return (x.unflatten(1, (groups, -1)) * per_group.unsqueeze(2).to(x.dtype)).flatten(1, 2)
 
 
+Exponent = float | torch.Tensor
+"""B as the kernels take it: a number, or a 0-dim tensor (what a layer passes for B != 2, so that a compiled
+model does not specialise on its value; see ``bcos_layers.BExponent``). Only the number 2 takes the B = 2 path."""
+
+
+def _is_two(b: Exponent) -> bool:
+    return not isinstance(b, torch.Tensor) and b == 2
+
+
 def _scaled(
-    out: torch.Tensor, x: torch.Tensor, window: Window | None, b: float
+    out: torch.Tensor, x: torch.Tensor, window: Window | None, b: Exponent
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
     """The forward of the B-cos factor: ``y``, the norm (A, 1, B) and the shape of the per-row/window norms."""
     norm_sq = _norm_sq(x, window)
-    norm = _norm(norm_sq.reshape(out.shape[0], 1, out.shape[2]))
-    y = launch(scale2_forward, out, norm) if b == 2 else launch(scale_forward, out, norm, b)
+    norm = _norm(norm_sq.reshape(out.shape[0], -1, out.shape[2]))
+    y = launch(scale2_forward, out, norm) if _is_two(b) else launch(scale_forward, out, norm, b)
     return y, norm, norm_sq.shape
 
 
@@ -231,21 +260,23 @@ class _BcosScale(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, x: torch.Tensor, window: Window | None, b: float, detached: bool):
+    def forward(ctx, out: torch.Tensor, x: torch.Tensor, window: Window | None, b: Exponent, detached: bool):
         y, norm, norm_shape = _scaled(out, x, window, b)
-        ctx.save_for_backward(y if b == 2 else out, norm, None if detached else x)
-        ctx.window, ctx.b, ctx.detached, ctx.norm_shape = window, b, detached, norm_shape
+        two, tensor_b = _is_two(b), isinstance(b, torch.Tensor)
+        ctx.save_for_backward(y if two else out, norm, None if detached else x, b if tensor_b else None)
+        ctx.window, ctx.two, ctx.detached, ctx.norm_shape = window, two, detached, norm_shape
+        ctx.number_b = None if tensor_b else b
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        saved, norm, x = ctx.saved_tensors
-        b = ctx.b
+        saved, norm, x, b = ctx.saved_tensors
+        b = ctx.number_b if b is None else b
         if ctx.detached:
-            if b == 2:
+            if ctx.two:
                 return launch(scale2_backward_detached, grad, saved, norm), None, None, None, None
             return launch(scale_backward_detached, grad, saved, norm, b), None, None, None, None
-        if b == 2:
+        if ctx.two:
             grad_out, coef = launch(scale2_backward, grad, saved, norm)
         else:
             grad_out, coef = launch(scale_backward, grad, saved, norm, b)
@@ -253,12 +284,13 @@ class _BcosScale(torch.autograd.Function):
         return grad_out, grad_x, None, None, None
 
 
-def bcos_scale(out: torch.Tensor, x: torch.Tensor, window: Window | None, b: float, detached: bool) -> torch.Tensor:
+def bcos_scale(out: torch.Tensor, x: torch.Tensor, window: Window | None, b: Exponent, detached: bool) -> torch.Tensor:
     """Apply the B-cos factor ``|cos|^(B-1)`` to a layer's output.
 
     ``out`` is ``w^T x`` (raw or unit-norm weights) viewed as (A, C, B): C output units share one input
     norm, the norm of a row of ``x`` (``window`` None; B = 1) or of a receptive field of a convolution
-    group (``window``, see ``_norm_sq``). The result has ``out``'s dtype and shape. ``detached``: explanation
+    group (``window``, see ``_norm_sq``); a depthwise convolution's output may come as (N, C, H*W), one norm
+    per unit. The result has ``out``'s dtype and shape. ``detached``: explanation
     mode, the factor is a constant.
     """
     if torch.is_grad_enabled():

@@ -12,6 +12,7 @@ Part of the remote-loadable model code: imports only torch and siblings, with si
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,46 @@ def check_b(b) -> float:
     return value
 
 
-class BcosLinear(nn.Linear, ExplainableMixin):
+class BExponent:
+    """B of a layer, held so that changing it (the B ramp of training) does not recompile a compiled model.
+
+    ``b`` is a float for people and configs. The forward reads only ``b_kind`` ("plain" for B = 1, "two" for
+    the B = 2 fast path, "general") and, for "general", ``b_exponent``, a 0-dim float32 tensor that a compiled
+    graph takes as an input: ``torch.compile`` guards on a float attribute's value (one graph per B), on a
+    tensor only on its dtype and device. A ramp from 1 to 2 thus compiles at most three graphs. The tensor is
+    a plain attribute, not a buffer: never saved, never cast with the model's dtype, untouched by loading; it
+    follows the weight's device (``_apply``).
+    """
+
+    weight: torch.Tensor
+    b_kind: str
+    b_exponent: torch.Tensor
+
+    @property
+    def b(self) -> float:
+        return self._b
+
+    @b.setter
+    def b(self, value: float) -> None:
+        value = check_b(value)
+        self._b = value
+        self.b_kind = "plain" if value == 1 else "two" if value == 2 else "general"
+        device = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
+        self.b_exponent = torch.tensor(value, dtype=torch.float32, device=device)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """``Module.to``/``cuda``/``half`` and the like, then the exponent tensor to the weight's (new) device."""
+        module = super()._apply(fn, recurse)  # type: ignore[misc]
+        if self.weight.device.type != "meta":
+            self.b_exponent = self.b_exponent.to(self.weight.device)
+        return module
+
+    def _b_argument(self) -> float | torch.Tensor:
+        """What the kernels take as B: the constant 2.0 for the fast path, else the exponent tensor."""
+        return 2.0 if self.b_kind == "two" else self.b_exponent
+
+
+class BcosLinear(BExponent, nn.Linear, ExplainableMixin):
     """Linear layer with the B-cos transform ``|cos(x, w)|^(B-1) * w^T x``.
 
     With ``normalize_weights=False`` (the B-cosification default) the pretrained weights are used raw: the
@@ -65,7 +105,7 @@ class BcosLinear(nn.Linear, ExplainableMixin):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.b = check_b(b)
+        self.b = b
         self.normalize_weights = normalize_weights
 
     @classmethod
@@ -75,21 +115,22 @@ class BcosLinear(nn.Linear, ExplainableMixin):
             layer = cls(linear.in_features, linear.out_features, bias=False, b=b, normalize_weights=normalize_weights)
         layer.weight = linear.weight
         layer.bias = linear.bias if keep_bias else None
+        layer.b = b  # the exponent tensor on the weight's device
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = _unit_rows(self.weight) if self.normalize_weights else self.weight
-        if self.b == 1:
+        if self.b_kind == "plain":
             return F.linear(x, weight, self.bias)
         x = autocast_input(x)
         out = F.linear(x, weight, self.bias)
-        return bcos_scale(out.view(-1, out.shape[-1], 1), x, None, self.b, self.explaining).view(out.shape)
+        return bcos_scale(out.view(-1, out.shape[-1], 1), x, None, self._b_argument(), self.explaining).view(out.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, b={self.b:g}, normalize_weights={self.normalize_weights}"
 
 
-class BcosConv2d(nn.Conv2d, ExplainableMixin):
+class BcosConv2d(BExponent, nn.Conv2d, ExplainableMixin):
     """2D convolution with the B-cos transform, per output position and per group.
 
     The input norm of each receptive field is the square root of the sum of squares over the kernel window
@@ -125,7 +166,7 @@ class BcosConv2d(nn.Conv2d, ExplainableMixin):
             device=device,
             dtype=dtype,
         )
-        self.b = check_b(b)
+        self.b = b
         self.normalize_weights = normalize_weights
 
     @classmethod
@@ -150,6 +191,7 @@ class BcosConv2d(nn.Conv2d, ExplainableMixin):
             )
         layer.weight = conv.weight
         layer.bias = conv.bias if keep_bias else None
+        layer.b = b  # the exponent tensor on the weight's device
         return layer
 
     @property
@@ -165,13 +207,16 @@ class BcosConv2d(nn.Conv2d, ExplainableMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = _unit_rows(self.weight) if self.normalize_weights else self.weight
-        if self.b == 1:
+        if self.b_kind == "plain":
             return self._conv_forward(x, weight, self.bias)
         x = autocast_input(x)
         out = self._conv_forward(x, weight, self.bias)
         batch, channels, height, width = out.shape
-        grouped = out.reshape(batch * self.groups, channels // self.groups, height * width)
-        return bcos_scale(grouped, x, self._window, self.b, self.explaining).reshape(out.shape)
+        if self.groups == channels:  # depthwise: one norm per output unit, (N, C, H*W) is a view in any layout
+            grouped = out.flatten(2)
+        else:
+            grouped = out.reshape(batch * self.groups, channels // self.groups, height * width)
+        return bcos_scale(grouped, x, self._window, self._b_argument(), self.explaining).reshape(out.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, b={self.b:g}, normalize_weights={self.normalize_weights}"

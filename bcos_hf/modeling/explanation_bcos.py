@@ -158,15 +158,34 @@ def explain_scores(
     )
 
 
-def explain(model: nn.Module, pixel_values: torch.Tensor, target: Target = None, **kwargs) -> BcosExplanation:
-    """``model.explain``: classifiers explain a logit; backbones a pooled feature or a callable's score."""
+Compile = bool | str | Callable
+"""How ``explain`` runs the model: False (eagerly), True (``torch.compile`` with inductor) or a backend (name or
+callable, as ``torch.compile`` takes it)."""
+
+
+def compiled(model: nn.Module, compile: Compile = False) -> Callable:
+    """``model`` itself, or (``compile``) the whole model under ``torch.compile(fullgraph=True)``: True for the
+    default backend (inductor), or a backend (name or callable). Dynamo keeps the graphs with the model's code, so a fresh
+    wrapper per call compiles only the first time (and once more, with a dynamic batch, when the batch size
+    changes); explanation mode and the training flag are guarded, each state compiles once."""
+    if not compile:
+        return model
+    return torch.compile(model, fullgraph=True, backend="inductor" if compile is True else compile)
+
+
+def explain(
+    model: nn.Module, pixel_values: torch.Tensor, target: Target = None, compile: Compile = False, **kwargs
+) -> BcosExplanation:
+    """``model.explain``: classifiers explain a logit; backbones a pooled feature or a callable's score.
+    ``compile``: run the forward compiled (see ``compiled``)."""
+    forward = compiled(model, compile)
     id2label = {int(index): str(name) for index, name in (model.config.id2label or {}).items()}
     label2id = {name: index for index, name in id2label.items()}
     if model.task == "image-classification":
         return explain_scores(
             model,
             pixel_values,
-            lambda encoded: model(pixel_values=encoded, **kwargs).logits,
+            lambda encoded: forward(pixel_values=encoded, **kwargs).logits,
             target,
             label2id=label2id,
             id2label=id2label,
@@ -176,7 +195,7 @@ def explain(model: nn.Module, pixel_values: torch.Tensor, target: Target = None,
         score_fn = target
 
         def compute_scores(encoded: torch.Tensor) -> torch.Tensor:
-            scores = score_fn(model(pixel_values=encoded, **kwargs))
+            scores = score_fn(forward(pixel_values=encoded, **kwargs))
             if scores.shape != (encoded.shape[0],):
                 raise ValueError(
                     f"The target callable must return one score per image; got shape {tuple(scores.shape)}."
@@ -191,7 +210,7 @@ def explain(model: nn.Module, pixel_values: torch.Tensor, target: Target = None,
         )
 
     def pooled_features(encoded: torch.Tensor) -> torch.Tensor:
-        pooled = getattr(model(pixel_values=encoded, **kwargs), "pooler_output", None)
+        pooled = getattr(forward(pixel_values=encoded, **kwargs), "pooler_output", None)
         if pooled is None:
             raise ValueError(
                 "This backbone has no pooled output to index: pass a callable target mapping the model outputs to "

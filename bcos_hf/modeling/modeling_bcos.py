@@ -27,7 +27,7 @@ from .adapters import get_adapter
 from .bcos_layers import LogitLayer
 from .configuration_bcos import BcosConfig
 from .explainable import explanation_mode
-from .explanation_bcos import BcosExplanation, Target, explain
+from .explanation_bcos import BcosExplanation, Compile, Target, explain
 from .rewriting import RewriteOptions, bcosify
 
 PIXEL_RANGE_TOLERANCE = 1e-3
@@ -261,15 +261,19 @@ class BcosPreTrainedModel(PreTrainedModel):
         """Context manager: inside it, the input gradient of an output is the dynamic linear map W(x)."""
         return explanation_mode(self, enabled)
 
-    def explain(self, pixel_values: torch.Tensor, target: Target = None, **kwargs) -> BcosExplanation:
+    def explain(
+        self, pixel_values: torch.Tensor, target: Target = None, compile: Compile = False, **kwargs
+    ) -> BcosExplanation:
         """Explain a batch in one forward and one backward: ``W(x)``, the contribution maps and their pictures.
 
         ``target``: None (the predicted class), a class index or label name for all images, or one per image.
         Backbones (``BcosModel``) have no classes: ``target`` is a feature index into ``pooler_output``, or a
-        callable mapping the outputs to one score per image. ``kwargs`` go to ``forward``. The model is left as
-        it was (training flag, explanation mode, no gradients). See ``BcosExplanation``.
+        callable mapping the outputs to one score per image. ``compile``: run the forward under
+        ``torch.compile(fullgraph=True)`` (True: inductor; or a backend name), worth it for repeated batches of
+        one size. ``kwargs`` go to ``forward``. The model is left as it was (training flag, explanation mode,
+        no gradients). See ``BcosExplanation``.
         """
-        return explain(self, pixel_values, target, **kwargs)
+        return explain(self, pixel_values, target, compile=compile, **kwargs)
 
 
 class BcosModel(BcosPreTrainedModel):
