@@ -1,7 +1,7 @@
 """Label-free alignment of a B-cos model with the model it was converted from (B-cosification, step two).
 
 A conversion to B = 2 without biases changes every block, and in a deep network the changes compound until
-the features carry little of the original (measured in the README, "Keeping what the original knows"). Alignment brings them
+the features carry little of the original (measured in docs/keeping-knowledge.md). Alignment brings them
 back without labels: the frozen original (the teacher) and the B-cos model (the student) see the same
 images, and the student learns to reproduce the teacher's output after every block (its "alignment
 blocks": stem, each residual / inverted-residual / transformer block, the final normalisation), plus the
@@ -205,7 +205,7 @@ def calibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> in
     """Re-estimate every BatchNorm's running statistics on unlabelled images; returns the number of batches.
 
     A conversion to B = 2 shrinks every layer's output by ``|cos|`` while the BatchNorms still divide by the
-    original's running variances, so deep BatchNorm networks output exact zeros (the README measures it).
+    original's running variances, so deep BatchNorm networks output exact zeros (docs/keeping-knowledge.md measures it).
     Running the model in training mode over a few batches with a cumulative average (``momentum=None``)
     gives the statistics of the converted model itself; the momentum is restored afterwards.
     """
@@ -247,8 +247,7 @@ RECIPES = {
         "freeze_batchnorm_statistics": False,
     },
 }
-"""The label-free alignment recipes, chosen by measurement in ``examples/keep_knowledge.py`` (README, "Keeping
-what the original knows"), with AdamW, a cosine schedule, alignment weight 1 and global-norm clipping:
+"""The label-free alignment recipes, chosen by measurement in ``examples/keep_knowledge.py`` (docs/keeping-knowledge.md), with AdamW, a cosine schedule, alignment weight 1 and global-norm clipping:
 
 - BatchNorm networks (MobileNetV2, ResNet): calibrate first (``calibrate_batchnorm``), keep the running
   statistics while training (training and evaluation then compute the same model), the first half of the

@@ -331,7 +331,7 @@ def calibrate_converted_batchnorms(model: BcosPreTrainedModel, probe: torch.Tens
 
     A conversion to B > 1 shrinks every layer's output by ``|cos|`` while each BatchNorm still divides by the
     source's running variance, so a deep BatchNorm network (MobileNetV2) outputs exact zeros and its logits tie
-    (README, "Keeping what the original knows"). Statistics measured on the converted model itself restore the
+    (docs/keeping-knowledge.md). Statistics measured on the converted model itself restore the
     scale. Seeded uniform noise at the source resolution needs no data and measured better than Fashion-MNIST
     images for the frozen-feature probe. Users with images can calibrate again on them
     (``bcos_hf.alignment.calibrate_batchnorm``).

@@ -245,7 +245,7 @@ class BcosTrainingArguments(TrainingArguments):
 
 def compiles_by_default(args: BcosTrainingArguments) -> bool:
     """Whether ``BcosTrainer`` compiles when ``torch_compile`` is not given: on CUDA, where the B-cos layers'
-    extra elementwise work and host time cost most in eager mode (README, Performance), unless feature
+    extra elementwise work and host time cost most in eager mode (docs/performance.md), unless feature
     alignment adds and removes hooks every step; not on the CPU, where compilation takes minutes."""
     return not args.use_cpu and torch.cuda.is_available() and not args.alignment_weight > 0
 

@@ -4,7 +4,7 @@
     python -m benchmarks.run --quick              # tiny models, a few iterations (what the tests run)
     python -m benchmarks.run --devices cuda --dtypes bf16 --out outputs/benchmarks
     python -m benchmarks.run --devices cuda --dtypes bf16 --compile   # both models under torch.compile
-    bash benchmarks/gpu_check.sh                 # the README's GPU table, eager and compiled (one GPU)
+    bash benchmarks/gpu_check.sh                 # docs/performance.md's GPU table, eager and compiled (one GPU)
 
 For every model, device and dtype (bf16 = autocast with float32 weights) the original and its B-cos twin
 run alternately, pair after pair, and each figure is the median over the pairs of the B-cos/original

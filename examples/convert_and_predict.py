@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "The B = 2 model as converted is a starting point, not yet a classifier: its uncentred BatchNorms "
         "still divide by the original's running variances, so activations shrink at every B-cos layer and the "
         "logits vanish. The aligned model re-estimated them and learnt, without labels, to reproduce the "
-        "original after every block and in its logits (README, 'Keeping what the original knows').",
+        "original after every block and in its logits (docs/keeping-knowledge.md).",
         f"B-cos explanations of the aligned model (predicted class): `{args.output_dir / 'explanations'}`.",
     ]
     if not pretrained:

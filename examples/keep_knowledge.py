@@ -18,7 +18,7 @@ natural photos (``bcos_hf.photos.load_photo_dataset``: 12 categories of real pho
 
 References measured the same way: the original model, raw pixels, and each arm before training.
 
-    python examples/keep_knowledge.py --model mobilenet_v2   # the README's run (time printed and saved)
+    python examples/keep_knowledge.py --model mobilenet_v2   # docs/keeping-knowledge.md's run (time printed and saved)
     python examples/keep_knowledge.py --model dinov2
     python examples/keep_knowledge.py --quick                # a minute per model; what the test suite runs
 

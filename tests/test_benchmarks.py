@@ -1,4 +1,4 @@
-"""The benchmark suite runs end to end in --quick mode and writes what the README table is made of."""
+"""The benchmark suite runs end to end in --quick mode and writes what the tables of docs/performance.md are made of."""
 
 from __future__ import annotations
 

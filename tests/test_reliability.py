@@ -1,6 +1,6 @@
 """Nothing lost, nothing silently wrong: bad input and faults at every boundary end in a clear error.
 
-Each test is one guarantee of the README's "Reliability" section: data loss (writing over the source or a
+Each test is one guarantee of docs/reliability.md: data loss (writing over the source or a
 user's folder, interrupted conversions), silently wrong results (random weights, NaN, ignored options,
 mismatched labels), errors that say what to do, and security (no code run from folders, no injection into
 model cards, no token leaks, no writes outside the output folder).

@@ -8,7 +8,7 @@ in eval mode), so the gradient of the *sum* of the selected logits is every imag
 
 Constant terms (position embeddings, class and register tokens) are not a linear function of the image and
 would make the contributions fall short of the logit. ``fold_constant_tokens`` is a forward hook that, in
-explanation mode only, rewrites them in input-linear form without changing any value (README, "Explanations").
+explanation mode only, rewrites them in input-linear form without changing any value (docs/explanations.md).
 
 Part of the remote-loadable model code: imports only torch, numpy, PIL (lazily) and siblings, with single dots.
 """

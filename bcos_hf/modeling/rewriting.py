@@ -72,7 +72,7 @@ class ArchitectureAdapter:
             tower of an image-text model): the rewriting does not enter them.
         constant_tokens: path, inside the base model, of the embeddings module that adds constant tokens
             (position embeddings, class / distillation / register tokens) to the patch tokens; in explanation
-            mode ``fold_constant_tokens`` makes them input-linear, value-identical (README, "Explanations").
+            mode ``fold_constant_tokens`` makes them input-linear, value-identical (docs/explanations.md).
         pooling_note: where pooling happens relative to the classifier and why (documentation).
         alignment_blocks: modules, inside the base model, whose outputs label-free alignment matches to the
             original's (``*`` matches one path component): the stem, every residual or transformer block and
@@ -204,7 +204,7 @@ def bcosify(model: nn.Module, adapter: ArchitectureAdapter, options: RewriteOpti
         listing = "\n".join(f"  - {kind} at '{path}'" for kind, path in unhandled.items())
         raise UnsupportedModelError(
             f"Cannot convert {type(model).__name__} to B-cos: no rule for these module types:\n{listing}\n"
-            "Nothing was converted. Add a rule for them to the architecture's adapter (see README, "
+            "Nothing was converted. Add a rule for them to the architecture's adapter (see docs/conversion.md, "
             "'Adding an architecture')."
         )
     for parent, name, path, child, rule in plan:
@@ -224,7 +224,7 @@ def fold_input_normalisation(
 
     The source computes ``W (x - mean) / std + bias``. Since ``x + (1 - x) = 1`` per channel, this equals
     ``W (1 - mean) / std * x - W mean / std * (1 - x) + bias``: a linear map of the 6-channel input with no
-    extra constant (README, "What a conversion does"). Zero padding stays exact too: the source pads the normalised image with
+    extra constant (docs/conversion.md). Zero padding stays exact too: the source pads the normalised image with
     zeros and the 6-channel image is padded with zeros, both contributing nothing.
     """
     base = model.base_model
