@@ -59,7 +59,8 @@ from bcos_hf.alignment import (
 from bcos_hf.convert import convert
 from bcos_hf.photos import UnlabelledImages, load_photo_dataset
 from bcos_hf.pretrained import IMAGENET_MEAN, IMAGENET_STD, imagenet_mobilenet_v2, load_dinov2_small
-from bcos_hf.training import BcosTrainer, set_b
+from bcos_hf.training import BcosTrainer
+from bcos_hf.training_callbacks import set_b
 
 logger = logging.getLogger("keep_knowledge")
 ARMS = ("bcosified", "random")

@@ -20,7 +20,8 @@ from transformers import AutoModelForImageClassification, pipeline
 
 from bcos_hf import BcosConv2d, BcosLinear, explanation_mode
 from bcos_hf.convert import convert
-from bcos_hf.training import BcosTrainingArguments, compiles_by_default, set_b
+from bcos_hf.training_args import BcosTrainingArguments, compiles_by_default
+from bcos_hf.training_callbacks import set_b
 
 from .families import FAMILIES, random_images, save_family
 

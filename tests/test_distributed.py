@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bcos_hf.training import adaptive_clip_grad_, bce_loss
+from bcos_hf.losses import adaptive_clip_grad_, bce_loss
 
 from .train_tiny import TinyImages, load, main, save_tiny_bcos
 

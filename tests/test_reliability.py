@@ -34,7 +34,8 @@ from bcos_hf.guards import STAGING_SUFFIX, dump_json, unique_names
 from bcos_hf.localisation import LocalisationResult, grid_pointing_game, save_results
 from bcos_hf.model_card import render_model_card
 from bcos_hf.modeling.modeling_bcos import INCOMPLETE_MARKER
-from bcos_hf.training import BcosTrainer, BcosTrainingArguments, NonFiniteError
+from bcos_hf.training import BcosTrainer, BcosTrainingArguments
+from bcos_hf.training_callbacks import NonFiniteError
 
 from .families import IMAGE_MEAN, random_images, save_family
 

@@ -20,14 +20,8 @@ from bcos_hf.data import (
     load_fashion_mnist,
     load_image_dataset,
 )
-from bcos_hf.training import (
-    BcosTrainer,
-    BcosTrainingArguments,
-    adaptive_clip_grad_,
-    bce_loss,
-    distillation_kl,
-    siglip_distillation_loss,
-)
+from bcos_hf.losses import adaptive_clip_grad_, bce_loss, distillation_kl, siglip_distillation_loss
+from bcos_hf.training import BcosTrainer, BcosTrainingArguments
 
 from .assets import needs_fashion_mnist
 from .families import save_family, vit_processor
