@@ -424,6 +424,35 @@ def _processors(source, model_class: type[BcosPreTrainedModel], image_processor)
     return image_processor, processor
 
 
+def _report(
+    model: BcosPreTrainedModel,
+    source_name: str,
+    options: RewriteOptions,
+    logit_bias: float,
+    gap: float,
+    probe_shape: list[int],
+    calibration: str | None,
+    is_image_text: bool,
+) -> ConversionReport:
+    """What the conversion did and measured (its ``seconds`` are filled in when it is saved)."""
+    config = model.config
+    return ConversionReport(
+        source=source_name,
+        source_architecture=config.source_architecture,
+        model_class=type(model).__name__,
+        b=options.b,
+        keep_bias=options.keep_bias,
+        logit_bias=float(logit_bias),
+        parameters=sum(p.numel() for p in model.parameters()),
+        equivalence_max_abs_diff=gap,
+        equivalence_inputs=probe_shape,
+        batchnorm_calibration=calibration,
+        seconds=0.0,
+        bcos_hf_version=_bcos_hf_version(),
+        notes=[IMAGE_TEXT_NOTE] if is_image_text else [],
+    )
+
+
 def convert(
     source: str | Path | PreTrainedModel,
     output_dir: str | Path | None = None,
@@ -494,22 +523,7 @@ def convert(
     exact = b == 1 and keep_bias
     calibration = calibrate_converted_batchnorms(model, probe) if batchnorm_calibration and not exact else None
     image_processor, processor = _processors(source, model_class, image_processor)
-    report = ConversionReport(
-        source=source_name,
-        source_architecture=source_architecture,
-        model_class=model_class.__name__,
-        b=b,
-        keep_bias=keep_bias,
-        logit_bias=float(logit_bias),
-        parameters=sum(p.numel() for p in model.parameters()),
-        equivalence_max_abs_diff=gap,
-        equivalence_inputs=list(probe.shape),
-        batchnorm_calibration=calibration,
-        seconds=0.0,
-        bcos_hf_version=_bcos_hf_version(),
-    )
-    if is_image_text:
-        report.notes.append(IMAGE_TEXT_NOTE)
+    report = _report(model, source_name, options, logit_bias, gap, list(probe.shape), calibration, is_image_text)
     conversion = Conversion(model, image_processor, report, processor, started=started)
     if output_dir is not None:
         conversion.save_pretrained(output_dir, overwrite=overwrite)
