@@ -7,16 +7,15 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+import transformers
 from transformers import (
     AutoConfig,
-    AutoModel,
-    AutoModelForImageClassification,
-    AutoModelForZeroShotImageClassification,
     AutoProcessor,
     CLIPProcessor,
     SiglipProcessor,
 )
 
+from .convert import BCOS_CLASSES
 from .hub import push_model_to_hub
 from .modeling.adapters import ADAPTERS, get_adapter
 from .modeling.bcos_activations import DetachableActivation
@@ -29,6 +28,7 @@ from .modeling.explanation_bcos import BcosExplanation
 from .modeling.modeling_bcos import BcosForImageClassification, BcosModel, BcosPreTrainedModel
 from .modeling.modeling_bcos_clip import BcosCLIPModel, BcosSiglipModel
 from .modeling.rewriting import ArchitectureAdapter, UnsupportedModelError
+from .modeling.tasks import TASKS
 from .pipelines import ImageExplanationPipeline, register_pipeline
 from .training import BcosTrainer, BcosTrainingArguments
 
@@ -37,17 +37,21 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-AutoConfig.register(BcosConfig.model_type, BcosConfig, exist_ok=True)
-AutoModel.register(BcosConfig, BcosModel, exist_ok=True)
-AutoModelForImageClassification.register(BcosConfig, BcosForImageClassification, exist_ok=True)
+
+def _register_auto_classes() -> None:
+    """Every task of the registry (``bcos_hf.modeling.tasks``) with the Auto classes it names."""
+    for task in TASKS:
+        model_class = BCOS_CLASSES[task.name]
+        config_class = model_class.config_class
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for auto_class in task.auto_classes:
+            getattr(transformers, auto_class).register(config_class, model_class, exist_ok=True)
+
+
+_register_auto_classes()
 register_pipeline()
-AutoConfig.register(BcosCLIPConfig.model_type, BcosCLIPConfig, exist_ok=True)
-AutoModel.register(BcosCLIPConfig, BcosCLIPModel, exist_ok=True)
-AutoModelForZeroShotImageClassification.register(BcosCLIPConfig, BcosCLIPModel, exist_ok=True)
+# Image-text models load with transformers' own processors (tokenizer and image processor).
 AutoProcessor.register(BcosCLIPConfig, CLIPProcessor, exist_ok=True)
-AutoConfig.register(BcosSiglipConfig.model_type, BcosSiglipConfig, exist_ok=True)
-AutoModel.register(BcosSiglipConfig, BcosSiglipModel, exist_ok=True)
-AutoModelForZeroShotImageClassification.register(BcosSiglipConfig, BcosSiglipModel, exist_ok=True)
 AutoProcessor.register(BcosSiglipConfig, SiglipProcessor, exist_ok=True)
 
 # With bcos_hf installed, model.push_to_hub also publishes the image processor and the B-cos model card (the

@@ -10,6 +10,7 @@ source (the equivalence check, run on every conversion), and optionally saves a 
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import math
 import time
@@ -27,12 +28,9 @@ from .model_card import render_model_card
 from .modeling.adapters import get_adapter
 from .modeling.bcos_layers import check_b, check_logit_layer
 from .modeling.modeling_bcos import (
-    BcosForImageClassification,
-    BcosModel,
     BcosPreTrainedModel,
     non_finite_parameters,
 )
-from .modeling.modeling_bcos_clip import BcosCLIPModel, BcosSiglipModel
 from .modeling.rewriting import (
     ArchitectureAdapter,
     RewriteOptions,
@@ -40,6 +38,7 @@ from .modeling.rewriting import (
     bcosify,
     fold_input_normalisation,
 )
+from .modeling.tasks import TASKS, BcosTask
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +46,15 @@ REPORT_FILE = "conversion_report.json"
 EQUIVALENCE_BATCH = 2
 EQUIVALENCE_SEED = 0
 
-BCOS_CLASSES: dict[str, type[BcosPreTrainedModel]] = {
-    "base": BcosModel,
-    "image-classification": BcosForImageClassification,
-    "zero-shot-image-classification": BcosCLIPModel,
-    "zero-shot-image-classification-sigmoid": BcosSiglipModel,
-}
-"""The B-cos class a source model becomes, by the task its adapter lists it under (``model_classes``)."""
+
+def _bcos_class(task: BcosTask) -> type[BcosPreTrainedModel]:
+    module, name = task.model_class.rsplit(".", 1)
+    return getattr(importlib.import_module(f".modeling.{module}", __package__), name)
+
+
+BCOS_CLASSES: dict[str, type[BcosPreTrainedModel]] = {task.name: _bcos_class(task) for task in TASKS}
+"""The B-cos class a source model becomes, by the task its adapter lists it under (``model_classes``); derived
+from the task registry (``bcos_hf.modeling.tasks.TASKS``)."""
 
 IMAGE_TEXT_NOTE = (
     "Equivalence is measured on the image embeddings (get_image_features): only the vision tower is converted, "

@@ -8,25 +8,9 @@ from pathlib import Path
 from string import Template
 
 from .guards import dump_json, is_hub_id
+from .modeling.tasks import TASKS_BY_MODEL_CLASS, TASKS_BY_NAME
 
 TEMPLATE = "bcos_model_card.md"
-
-USAGE = {
-    "classification": (
-        "image-classification",
-        "AutoModelForImageClassification",
-        "AutoImageProcessor",
-        'print(pipe("cat.jpg"))',
-    ),
-    "zero-shot": (
-        "zero-shot-image-classification",
-        "AutoModel",
-        "AutoProcessor",
-        'print(pipe("cat.jpg", candidate_labels=["a photo of a cat", "a photo of a dog"]))',
-    ),
-    "backbone": ("image-feature-extraction", "AutoModel", "AutoImageProcessor", 'features = pipe("cat.jpg")'),
-}
-"""Per kind of B-cos model: pipeline task, Auto class, processor class and a pipeline call for the card."""
 
 
 def _plain(text: str, limit: int = 200) -> str:
@@ -56,12 +40,6 @@ def _source_reference(name: str) -> str:
     return f"`{_plain(name)}`"
 
 
-def _model_kind(model_class: str) -> str:
-    if "ForImageClassification" in model_class:
-        return "classification"
-    return "zero-shot" if model_class in ("BcosCLIPModel", "BcosSiglipModel") else "backbone"
-
-
 def _template() -> Template:
     return Template(files("bcos_hf.model_cards").joinpath(TEMPLATE).read_text())
 
@@ -87,7 +65,8 @@ def render_model_card(
     base_model = str(config.source_checkpoint or "unknown")
     model_id = _plain(model_id or (Path(config.name_or_path).name if config.name_or_path else "path/to/model"))
     model_class = (config.architectures or ["BcosForImageClassification"])[0]
-    pipeline_tag, auto_class, processor_class, pipeline_call = USAGE[_model_kind(model_class)]
+    task = TASKS_BY_MODEL_CLASS.get(model_class, TASKS_BY_NAME["base"])
+    pipeline_tag, auto_class, processor_class, pipeline_call = task.card
     conversion = (
         "```json\n" + _escaped_json(report) + "\n```" if report else "No conversion report was saved with this model."
     )

@@ -29,3 +29,23 @@ def test_trainer_and_arguments_are_exported_at_the_top_level():
     assert {"BcosTrainer", "BcosTrainingArguments"} <= set(bcos_hf.__all__)
     assert BcosTrainer.__module__ == "bcos_hf.training"
     assert BcosTrainingArguments(output_dir="unused").alignment_weight == 0.0
+
+
+def test_the_task_registry_is_the_one_source_of_tasks():
+    """Adapters, model classes, Auto registration, auto_map and model cards all follow bcos_hf.modeling.tasks."""
+    import transformers
+
+    from bcos_hf.convert import BCOS_CLASSES
+    from bcos_hf.modeling.adapters import ADAPTERS
+    from bcos_hf.modeling.tasks import TASKS, TASKS_BY_NAME, remote_code_auto_map
+
+    assert set(BCOS_CLASSES) == set(TASKS_BY_NAME)
+    for task in TASKS:
+        model_class = BCOS_CLASSES[task.name]
+        assert model_class.task == task.name and model_class.__name__ == task.model_class_name
+        config_auto_map = model_class.config_class().auto_map if task.name != "base" else BcosConfig().auto_map
+        assert config_auto_map == remote_code_auto_map(task.config_class)
+        for auto_class in task.auto_classes:
+            assert getattr(transformers, auto_class)._model_mapping[model_class.config_class] is model_class
+    for adapter in ADAPTERS.values():
+        assert set(adapter.model_classes) <= set(TASKS_BY_NAME), adapter.model_type

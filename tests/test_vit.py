@@ -115,6 +115,7 @@ def test_saved_folder_has_everything_and_processor_does_not_normalise(tiny_vit_d
         "bcos_norms.py",
         "bcos_activations.py",
         "explainable.py",
+        "tasks.py",
         "rewriting.py",
         "adapters.py",
     } <= files

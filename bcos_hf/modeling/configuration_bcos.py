@@ -9,12 +9,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .bcos_layers import check_b, check_logit_layer
+from .tasks import remote_code_auto_map
 
-REMOTE_CODE_AUTO_MAP = {
-    "AutoConfig": "configuration_bcos.BcosConfig",
-    "AutoModel": "modeling_bcos.BcosModel",
-    "AutoModelForImageClassification": "modeling_bcos.BcosForImageClassification",
-}
+REMOTE_CODE_AUTO_MAP = remote_code_auto_map("configuration_bcos.BcosConfig")
 
 
 class BcosConfig(PreTrainedConfig):

@@ -9,17 +9,10 @@ from transformers import AutoConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_bcos import BcosConfig
+from .tasks import remote_code_auto_map
 
-CLIP_REMOTE_CODE_AUTO_MAP = {
-    "AutoConfig": "configuration_bcos_clip.BcosCLIPConfig",
-    "AutoModel": "modeling_bcos_clip.BcosCLIPModel",
-    "AutoModelForZeroShotImageClassification": "modeling_bcos_clip.BcosCLIPModel",
-}
-SIGLIP_REMOTE_CODE_AUTO_MAP = {
-    "AutoConfig": "configuration_bcos_clip.BcosSiglipConfig",
-    "AutoModel": "modeling_bcos_clip.BcosSiglipModel",
-    "AutoModelForZeroShotImageClassification": "modeling_bcos_clip.BcosSiglipModel",
-}
+CLIP_REMOTE_CODE_AUTO_MAP = remote_code_auto_map("configuration_bcos_clip.BcosCLIPConfig")
+SIGLIP_REMOTE_CODE_AUTO_MAP = remote_code_auto_map("configuration_bcos_clip.BcosSiglipConfig")
 
 
 class BcosCLIPConfig(BcosConfig):
