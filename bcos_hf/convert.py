@@ -323,8 +323,10 @@ def probe_batch(config, image_processor) -> torch.Tensor:
     return torch.rand(EQUIVALENCE_BATCH, 3, height, width, generator=generator)
 
 
-CALIBRATION_IMAGES = 64
-"""Seeded uniform-noise images on which a converted BatchNorm network re-estimates its running statistics."""
+CALIBRATION_IMAGES = 32
+CALIBRATION_SIDE = 128
+"""Seeded uniform-noise images (at most this side) on which an inexactly converted BatchNorm network re-estimates
+its running statistics: noise is stationary, so a small side gives the same per-channel statistics for less."""
 
 
 def calibrate_converted_batchnorms(model: BcosPreTrainedModel, probe: torch.Tensor) -> str | None:
@@ -332,18 +334,16 @@ def calibrate_converted_batchnorms(model: BcosPreTrainedModel, probe: torch.Tens
 
     A conversion to B > 1 shrinks every layer's output by ``|cos|`` while each BatchNorm still divides by the
     source's running variance, so a deep BatchNorm network (MobileNetV2) outputs exact zeros and its logits tie
-    (docs/keeping-knowledge.md). Statistics measured on the converted model itself restore the
-    scale. Seeded uniform noise at the source resolution needs no data and measured better than Fashion-MNIST
-    images for the frozen-feature probe. Users with images can calibrate again on them
-    (``bcos_hf.alignment.calibrate_batchnorm``).
+    (docs/keeping-knowledge.md). Statistics measured on the converted model itself restore the scale. Seeded
+    uniform noise needs no data and measured better than Fashion-MNIST images for the frozen-feature probe.
+    Users with images can calibrate again on them (``bcos_hf.alignment.calibrate_batchnorm``).
     """
     if not has_batchnorm(model):
         return None
+    height, width = (min(side, CALIBRATION_SIDE) for side in probe.shape[2:])
     generator = torch.Generator().manual_seed(EQUIVALENCE_SEED + 1)
-    batch = 16
-    batches = [torch.rand(batch, *probe.shape[1:], generator=generator) for _ in range(CALIBRATION_IMAGES // batch)]
+    batches = [torch.rand(16, 3, height, width, generator=generator) for _ in range(CALIBRATION_IMAGES // 16)]
     calibrate_batchnorm(model, batches)
-    height, width = probe.shape[2:]
     return f"re-estimated on {CALIBRATION_IMAGES} seeded uniform-noise images of {height} x {width} px"
 
 

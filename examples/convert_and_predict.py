@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "Top-3 classes with softmax scores. The equivalence model computes the original's function, so its "
         "predictions are the original's.",
-        "The B = 2 model as converted is a starting point, not yet a classifier: its uncentred BatchNorms "
-        "still divide by the original's running variances, so activations shrink at every B-cos layer and the "
-        "logits vanish. The aligned model re-estimated them and learnt, without labels, to reproduce the "
+        "The B = 2 model as converted is a starting point, not yet a classifier: the converter re-estimated its "
+        "BatchNorm statistics on noise images, so its features are alive, but its predictions are not the "
+        "original's. The aligned model re-estimated them on photos and learnt, without labels, to reproduce the "
         "original after every block and in its logits (docs/keeping-knowledge.md).",
         f"B-cos explanations of the aligned model (predicted class): `{args.output_dir / 'explanations'}`.",
     ]
