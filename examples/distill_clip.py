@@ -32,7 +32,8 @@ from transformers import (
 
 import bcos_hf  # noqa: F401  (registers the B-cos Auto classes)
 from bcos_hf.convert import convert
-from bcos_hf.data import FASHION_MNIST_LABELS, ImageClassificationCollator, load_fashion_mnist
+from bcos_hf.data import ImageClassificationCollator
+from bcos_hf.fashion_mnist import FASHION_MNIST_LABELS, load_fashion_mnist
 from bcos_hf.training import BcosTrainer, BcosTrainingArguments
 
 

@@ -31,7 +31,8 @@ from transformers import (
 
 import bcos_hf  # noqa: F401  (registers the B-cos Auto classes)
 from bcos_hf.convert import convert
-from bcos_hf.data import FASHION_MNIST_LABELS, ImageClassificationCollator, compute_accuracy, load_fashion_mnist
+from bcos_hf.data import ImageClassificationCollator, compute_accuracy
+from bcos_hf.fashion_mnist import FASHION_MNIST_LABELS, load_fashion_mnist
 from bcos_hf.hub import EXPLANATION_PICTURE
 from bcos_hf.training import BcosTrainer, BcosTrainingArguments, source_with_labels
 

@@ -160,7 +160,7 @@ def fashion_mnist_probe(original, seed: int, train_size: int = 3000, test_size: 
     conversion at all? The original; then, converted from the pretrained weights and from a random init: with
     the source's BatchNorm statistics (``--no-batchnorm-calibration``), as ``convert`` gives it by default
     (statistics re-estimated on seeded noise), and re-estimated on 512 Fashion-MNIST training images."""
-    from bcos_hf.data import load_fashion_mnist
+    from bcos_hf.fashion_mnist import load_fashion_mnist
 
     def pixels(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         data = load_fashion_mnist(split, limit=count)

@@ -38,7 +38,8 @@ import bcos_hf
 from bcos_hf import BcosConfig, BcosForImageClassification
 from bcos_hf.attribution import input_x_gradient
 from bcos_hf.convert import convert
-from bcos_hf.data import FASHION_MNIST_LABELS, ImageClassificationCollator, compute_accuracy, load_fashion_mnist
+from bcos_hf.data import ImageClassificationCollator, compute_accuracy
+from bcos_hf.fashion_mnist import FASHION_MNIST_LABELS, load_fashion_mnist
 from bcos_hf.localisation import grid_pointing_game
 from bcos_hf.modeling.explanation_bcos import BcosExplanation
 from bcos_hf.pretrained import save_imagenet_mobilenet_v2

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from bcos_hf.data import fashion_mnist_available
+from bcos_hf.fashion_mnist import fashion_mnist_available
 from bcos_hf.photos import INSTALL_HINT, TUXPAINT_STAMPS_DIR, tuxpaint_available
 
 needs_mobilenet_v2_weights = pytest.mark.skipif(

@@ -13,13 +13,8 @@ from PIL import Image
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, ViTForImageClassification
 
 from bcos_hf import BcosConv2d, BcosLinear
-from bcos_hf.data import (
-    FASHION_MNIST_LABELS,
-    ImageClassificationCollator,
-    compute_accuracy,
-    load_fashion_mnist,
-    load_image_dataset,
-)
+from bcos_hf.data import ImageClassificationCollator, compute_accuracy, load_image_dataset
+from bcos_hf.fashion_mnist import FASHION_MNIST_LABELS, load_fashion_mnist
 from bcos_hf.losses import adaptive_clip_grad_, bce_loss, distillation_kl, siglip_distillation_loss
 from bcos_hf.training import BcosTrainer, BcosTrainingArguments
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bcos_hf.convert import convert
-from bcos_hf.data import FASHION_MNIST_LABELS
+from bcos_hf.fashion_mnist import FASHION_MNIST_LABELS
 
 from .assets import needs_fashion_mnist
 from .families import save_family
