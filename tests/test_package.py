@@ -49,3 +49,15 @@ def test_the_task_registry_is_the_one_source_of_tasks():
             assert getattr(transformers, auto_class)._model_mapping[model_class.config_class] is model_class
     for adapter in ADAPTERS.values():
         assert set(adapter.model_classes) <= set(TASKS_BY_NAME), adapter.model_type
+
+
+def test_the_core_import_loads_no_machine_specific_loader():
+    """Loaders that know this machine (Debian data, weight packages, photos) stay out of ``import bcos_hf``."""
+    import subprocess
+    import sys
+
+    code = "import sys, bcos_hf; print(sorted(m for m in sys.modules if m.startswith('bcos_hf.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for module in ("bcos_hf.fashion_mnist", "bcos_hf.pretrained", "bcos_hf.photos"):
+        assert f"'{module}'" not in loaded
+    assert "'bcos_hf.training'" in loaded  # the check itself sees the package's modules
