@@ -471,6 +471,9 @@ def convert(
 ) -> Conversion:
     """Convert a checkpoint of a supported family (see ``ADAPTERS``) into a B-cos model.
 
+    The body reads as the list of the conversion's steps, each a function of this module; its length is this
+    docstring's arguments.
+
     Args:
         source: hub id or local folder of a supported checkpoint, or a loaded model (which is copied, not
             changed). A ``...Model`` backbone becomes a ``BcosModel``, a ``...ForImageClassification`` a
