@@ -469,10 +469,8 @@ def convert(
     batchnorm_calibration: bool = True,
     overwrite: bool = False,
 ) -> Conversion:
-    """Convert a checkpoint of a supported family (see ``ADAPTERS``) into a B-cos model.
-
-    The body reads as the list of the conversion's steps, each a function of this module; its length is this
-    docstring's arguments.
+    """Convert a checkpoint of a supported family (see ``ADAPTERS``) into a B-cos model: the conversion's steps, each
+    a function of this module (the length is this docstring's).
 
     Args:
         source: hub id or local folder of a supported checkpoint, or a loaded model (which is copied, not
