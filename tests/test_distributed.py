@@ -36,6 +36,21 @@ def train_in_process(*args: str) -> None:
         torch.set_num_threads(threads)
 
 
+def assert_ranks_agree_with_one_process(run: Path, single_run: Path, model_dir: Path, label: str) -> dict:
+    """Both ranks end with identical weights, equal to one process with the same global batch, and different from
+    the start (it trained); returns rank 0's weights."""
+    rank0 = load_file(run / "final-rank0.safetensors")
+    rank1 = load_file(run / "final-rank1.safetensors")
+    single = load_file(single_run / "final-rank0.safetensors")
+    start = load(model_dir).state_dict()
+    assert rank0.keys() == rank1.keys() == single.keys() == start.keys()
+    for name in rank0:
+        torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=f"ranks differ: {name}")
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6, msg=f"{label} != 1 process: {name}")
+    assert any(not torch.equal(rank0[name], start[name]) for name in rank0)
+    return rank0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("aligned", [False, True], ids=["labels", "aligned-with-teacher"])
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, aligned):
@@ -48,15 +63,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     )
     train_in_process(str(model_dir), str(tmp_path / "single"), "--max_steps", "3", "--batch_size", "8", *extra)
 
-    rank0 = load_file(tmp_path / "ddp" / "final-rank0.safetensors")
-    rank1 = load_file(tmp_path / "ddp" / "final-rank1.safetensors")
-    single = load_file(tmp_path / "single" / "final-rank0.safetensors")
-    start = load(model_dir).state_dict()
-    assert rank0.keys() == rank1.keys() == single.keys() == start.keys()
-    for name in rank0:
-        torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=f"ranks differ: {name}")
-        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6, msg=f"DDP != 1 process: {name}")
-    assert any(not torch.equal(rank0[name], start[name]) for name in rank0)  # it did train
+    assert_ranks_agree_with_one_process(tmp_path / "ddp", tmp_path / "single", model_dir, "DDP")
 
 
 def test_saving_under_fsdp2_keeps_the_bcos_model_code(tmp_path, monkeypatch):
@@ -104,15 +111,7 @@ def test_two_process_fsdp2_trains_saves_reloads_and_resumes(tmp_path):
     run_script(str(model_dir), str(tmp_path / "fsdp"), *steps, launcher=launch)
     train_in_process(str(model_dir), str(tmp_path / "single"), "--max_steps", "4", "--batch_size", "8")
 
-    rank0 = load_file(tmp_path / "fsdp" / "final-rank0.safetensors")
-    rank1 = load_file(tmp_path / "fsdp" / "final-rank1.safetensors")
-    single = load_file(tmp_path / "single" / "final-rank0.safetensors")
-    start = load(model_dir).state_dict()
-    assert rank0.keys() == rank1.keys() == single.keys() == start.keys()
-    for name in rank0:
-        torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=f"ranks differ: {name}")
-        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6, msg=f"FSDP != 1 process: {name}")
-    assert any(not torch.equal(rank0[name], start[name]) for name in rank0)  # it did train
+    rank0 = assert_ranks_agree_with_one_process(tmp_path / "fsdp", tmp_path / "single", model_dir, "FSDP")
 
     reloaded = load(tmp_path / "fsdp" / "checkpoint-4").state_dict()
     for name in rank0:
