@@ -8,6 +8,7 @@ labels that depend on the image (so the loss can fall). Final weights are writte
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 from pathlib import Path
@@ -150,6 +151,23 @@ def main(argv: list[str] | None = None) -> None:
     if state:
         weights = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
         save_file(weights, str(options.output_dir / f"final-rank{rank}.safetensors"))
+    if torch.distributed.is_initialized():
+        del trainer, parameter, state
+        shut_down_process_group()
+
+
+def shut_down_process_group() -> None:
+    """End a multi-process run without a teardown race in gloo.
+
+    A gloo worker thread frees each finished collective's Python tensors, which needs the GIL. Left to the end of
+    ``main`` or to interpreter exit, the trainer's process group is destroyed by a thread that holds the GIL and
+    joins those workers: the run hangs (DDP's reducer freed on return) or aborts ("terminate called without an
+    active exception"), after it completed. So: wait until every rank is here (the wait releases the GIL, and the
+    workers finish), free the wrapped model while the group is still registered, then destroy the group.
+    """
+    torch.distributed.barrier()
+    gc.collect()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
