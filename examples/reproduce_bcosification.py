@@ -1,10 +1,13 @@
 """Does B-cosification pay off? The paper's central claim, reproduced offline on real weights and real data.
 
-Three arms share one data pipeline (Fashion-MNIST, resized, the same batches and schedule shape):
+Four arms share one data pipeline (Fashion-MNIST, resized, the same batches and schedule shape):
 
-  (a) standard   the pretrained ImageNet MobileNetV2, fine-tuned as usual (cross-entropy): the accuracy ceiling;
-  (b) bcosified  the same pretrained model B-cosified with bcos_hf (B = 2, no biases), fine-tuned with BcosTrainer;
-  (c) scratch    the same B-cos architecture from random initialisation, trained `scratch_epochs` (longer).
+  (a) standard          the pretrained ImageNet MobileNetV2, fine-tuned as usual (cross-entropy): the ceiling;
+  (b) bcosified         the same pretrained model B-cosified with bcos_hf (B = 2, no biases), fine-tuned with
+                        BcosTrainer;
+  (c) scratch           the same B-cos architecture from random initialisation, trained `scratch_epochs` (longer);
+  (d) standard-scratch  the control: the standard architecture from random initialisation, trained like (c). What
+                        (a) has beyond (d) is what pretraining is worth on this data at all, the most (b) can keep.
 
 Per epoch it records test accuracy; at the end, how many epochs (b) needs to reach (c)'s final accuracy, GridPG
 localisation of (b) and (c) (their B-cos explanations, plus post-hoc baselines) and of post-hoc attributions on
@@ -46,14 +49,20 @@ from bcos_hf.pretrained import save_imagenet_mobilenet_v2
 from bcos_hf.training import BcosTrainer, BcosTrainingArguments, source_with_labels
 
 logger = logging.getLogger("reproduce")
-ARMS = ("standard", "bcosified", "scratch")
-ARM_COLOURS = {"standard": (90, 90, 90), "bcosified": (214, 39, 40), "scratch": (31, 119, 180)}
+ARMS = ("standard", "bcosified", "scratch", "standard-scratch")
+ARM_COLOURS = {
+    "standard": (90, 90, 90),
+    "bcosified": (214, 39, 40),
+    "scratch": (31, 119, 180),
+    "standard-scratch": (160, 160, 160),
+}
+STANDARD_ARMS = ("standard", "standard-scratch")  # plain transformers models: Trainer, cross-entropy, post-hoc only
 
 
 @dataclass(frozen=True)
 class Budget:
-    """The one budget rule: same data, batch size, optimiser and cosine schedule for every arm; the scratch arm
-    trains ``scratch_epochs`` instead of ``epochs``."""
+    """The one budget rule: same data, batch size, optimiser and cosine schedule for every arm; the two arms from
+    random initialisation train ``scratch_epochs`` instead of ``epochs``."""
 
     resolution: int = 64
     train_size: int = 8_000
@@ -127,7 +136,7 @@ def train_arm(name: str, model, budget: Budget, epochs: int, work: Path, train, 
     kwargs = dict(
         model=model, train_dataset=train, eval_dataset=test, data_collator=collator, compute_metrics=compute_accuracy
     )
-    if name == "standard":
+    if name in STANDARD_ARMS:
         trainer = Trainer(args=TrainingArguments(**common), **kwargs)
     else:
         trainer = BcosTrainer(args=BcosTrainingArguments(**common), **kwargs)
@@ -241,6 +250,13 @@ def run(budget: Budget, output: Path, arms: tuple[str, ...] = ARMS) -> dict:
         torch.manual_seed(budget.seed)
         scratch = BcosForImageClassification(BcosConfig.from_pretrained(bcos_dir))
         setups["scratch"] = (scratch, bcos_collator, budget.scratch_epochs, processor, ("bcos", "ixg", "gradcam"))
+    if "standard-scratch" in arms:
+        torch.manual_seed(budget.seed)
+        control = MobileNetV2ForImageClassification(
+            MobileNetV2ForImageClassification.config_class.from_pretrained(source_dir)
+        )
+        collator = NormalisingCollator(processor, num_labels=10)
+        setups["standard-scratch"] = (control, collator, budget.scratch_epochs, source_processor, ("ixg", "gradcam"))
     results = {
         name: train_arm(name, model, budget, epochs, work, train, test, collator)
         for name, (model, collator, epochs, _, _) in setups.items()
@@ -270,8 +286,8 @@ def run(budget: Budget, output: Path, arms: tuple[str, ...] = ARMS) -> dict:
     names = [FASHION_MNIST_LABELS[test[i]["label"]] for i in picked]
     columns = {}
     for name, (model, *_) in setups.items():
-        label = f"({'abc'[ARMS.index(name)]}) {name}"
-        if name == "standard":
+        label = f"({'abcd'[ARMS.index(name)]}) {name}"
+        if name in STANDARD_ARMS:
             columns[f"{label}: input x gradient"] = input_x_gradient_heatmaps(
                 model, images, processor.image_mean, processor.image_std
             )
@@ -307,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a few minutes: tiny subset, 32 px, 1 and 2 epochs")
     parser.add_argument("--output", type=Path, default=Path("results/bcosification"), help="results folder")
     parser.add_argument("--epochs", type=int, help="epochs of arms (a) and (b)")
-    parser.add_argument("--scratch-epochs", type=int, help="epochs of arm (c)")
+    parser.add_argument("--scratch-epochs", type=int, help="epochs of arms (c) and (d)")
     parser.add_argument("--train-size", type=int, help="training images (Fashion-MNIST has 60k)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="arms to run (default: all)")
     args = parser.parse_args(argv)
@@ -320,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nResults in {args.output} ({summary['seconds']:.0f} s in all)")
     for name, arm in summary["arms"].items():
         print(
-            f"  {name:10s} accuracy by epoch {[round(a, 3) for a in arm['accuracy']]}  ({arm['train_seconds']:.0f} s)"
+            f"  {name:16s} accuracy by epoch {[round(a, 3) for a in arm['accuracy']]}  ({arm['train_seconds']:.0f} s)"
         )
     if summary["scratch_final_accuracy"] is not None and "bcosified" in summary["arms"]:
         print(
@@ -329,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     for name, methods in summary["localisation_2x2"].items():
         scores = methods.get("skipped") or ", ".join(f"{m} {r['mean']:.3f}" for m, r in methods.items())
-        print(f"  GridPG 2x2 {name:10s} {scores}")
+        print(f"  GridPG 2x2 {name:16s} {scores}")
     return summary
 
 

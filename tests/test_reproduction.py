@@ -1,4 +1,4 @@
-"""The reproduction script's quick mode: three arms, GridPG and pictures, end to end on real data."""
+"""The reproduction script's quick mode: four arms, GridPG and pictures, end to end on real data."""
 
 from __future__ import annotations
 
@@ -35,14 +35,15 @@ def test_quick_reproduction_runs_end_to_end(tmp_path, monkeypatch, all_cores):
     sys.modules.pop("reproduce_bcosification", None)
 
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["arms"].keys() == {"standard", "bcosified", "scratch"}
+    assert saved["arms"].keys() == {"standard", "bcosified", "scratch", "standard-scratch"}
     assert len(saved["arms"]["bcosified"]["accuracy"]) == summary["budget"]["epochs"] + 1
-    assert len(saved["arms"]["scratch"]["accuracy"]) == summary["budget"]["scratch_epochs"] + 1
+    for name in ("scratch", "standard-scratch"):
+        assert len(saved["arms"][name]["accuracy"]) == summary["budget"]["scratch_epochs"] + 1
     assert saved["conversion"]["equivalence_max_abs_diff"] < 1e-3
     localisation = saved["localisation_2x2"]
-    assert localisation.keys() == {"standard", "bcosified", "scratch"}
+    assert localisation.keys() == saved["arms"].keys()
     for name, methods in localisation.items():  # scored, or skipped with the reason (too few confident images)
-        expected = {"ixg", "gradcam"} if name == "standard" else {"bcos", "ixg", "gradcam"}
+        expected = {"ixg", "gradcam"} if name.startswith("standard") else {"bcos", "ixg", "gradcam"}
         assert methods.keys() == expected or set(methods) == {"skipped"}
     assert "skipped" not in localisation["standard"]
     for name in ("accuracy.png", "explanations.png"):
