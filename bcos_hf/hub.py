@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .model_card import render_model_card
+from .model_card import KEEPING_KNOWLEDGE_URL, render_model_card
 
 EXPLANATION_PICTURE = "explanations.png"
 """File name of the explanation picture a card shows when it is saved next to the model."""
@@ -108,7 +108,13 @@ def training_card_details(trainer, dataset: str | list[str] | None = None, **_ig
     table = "| hyper-parameter | value |\n|---|---|\n" + "\n".join(
         f"| {k} | {v} |" for k, v in hyper_parameters.items()
     )
-    sections = {"Training": f"Fine-tuned with bcos_hf's `BcosTrainer`.\n\n{table}"}
+    training = f"Fine-tuned with bcos_hf's `BcosTrainer`.\n\n{table}"
+    if args.alignment_weight > 0:
+        training += (
+            "\n\nHow much of an original label-free alignment keeps, measured on real weights and natural photos: "
+            f"[Keeping what the original knows]({KEEPING_KNOWLEDGE_URL})."
+        )
+    sections = {"Training": training}
     sections.update(explanation_section(Path(args.output_dir)))
     return rows, sections
 

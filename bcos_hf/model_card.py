@@ -11,6 +11,7 @@ from .guards import dump_json, is_hub_id
 from .modeling.tasks import TASKS_BY_MODEL_CLASS, TASKS_BY_NAME
 
 TEMPLATE = "bcos_model_card.md"
+KEEPING_KNOWLEDGE_URL = "https://github.com/bcos-hf/bcos_hf/blob/main/docs/keeping-knowledge.md"
 
 
 def _plain(text: str, limit: int = 200) -> str:
@@ -74,7 +75,8 @@ def render_model_card(
         "\n> This is the converted model **before fine-tuning**: with B = $b and no biases its predictions differ "
         "from the source model's. Align it with the source without labels (`bcos-hf align MODEL IMAGES OUT`, or "
         "`BcosTrainer` with `bcos_hf.alignment.alignment_arguments`) or fine-tune it (`BcosTrainer`) to recover "
-        "accuracy.\n"
+        "accuracy. What label-free alignment keeps of an original, measured on real weights and natural photos: "
+        f"[Keeping what the original knows]({KEEPING_KNOWLEDGE_URL}).\n"
         if report is not None and not fine_tuned and (config.b != 1 or not config.keep_bias)
         else ""
     )

@@ -212,6 +212,7 @@ def test_bcos_trainer_aligns_without_labels(name, tmp_path):
         trainer.create_model_card()
         card = (tmp_path / "README.md").read_text()
         assert "| alignment with the original | weight 1, end_to_end |" in card
+        assert "[Keeping what the original knows](https://" in card  # where alignment is measured
 
 
 def test_alignment_needs_a_teacher(tmp_path):

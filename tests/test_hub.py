@@ -152,6 +152,7 @@ def test_trainer_push_to_hub_publishes_a_loadable_model_with_a_bcos_card(tmp_pat
     ):
         assert expected in card, expected
     assert "before fine-tuning" not in card
+    assert "Keeping what the original knows" not in card  # trained with labels, not aligned
     assert ModelCard(card).data.library_name == "transformers"
 
     logs = caplog.text + "".join(capsys.readouterr())
@@ -172,6 +173,7 @@ def test_push_to_hub_with_an_injected_client_and_model_push_publishes_card_and_p
     push_to_hub(model, REPO, vit_processor(16), token=TOKEN, api=api, extra_rows={"accuracy": "0.5 (test)"})
     card = (api.folder / "README.md").read_text()
     assert "| accuracy | 0.5 (test) |" in card and "before fine-tuning" in card  # not trained: says so
+    assert "[Keeping what the original knows](https://" in card  # ... and where alignment is measured
     assert {"preprocessor_config.json", "model.safetensors", "modeling_bcos.py"} <= {
         p.name for p in api.folder.iterdir()
     }
