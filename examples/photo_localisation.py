@@ -7,7 +7,7 @@ features of half the photos (a seeded, stratified split). The original DINOv2-S 
 other half it reports each head's accuracy, then scores the explanations with ``bcos_hf.evaluation``:
 
 - GridPG on 2x2 grids of held-out photos of distinct categories, each confidently and correctly classified;
-- pixel deletion and insertion (area under the curve) on the held-out photos;
+- pixel deletion and insertion (area under the curve) on the first 96 held-out photos (GridPG tiles those too);
 
 for the B-cos explanation of (b) and (c) and the post-hoc baselines (captum) on all three models.
 
@@ -111,11 +111,19 @@ def head_inputs(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tens
     return torch.cat(captured)
 
 
-def fit_head(model, images: torch.Tensor, labels: torch.Tensor, steps: int = 300, weight_decay: float = 1e-3) -> float:
-    """Fit only the classifier layer (and nothing before it) by cross-entropy on cached inputs; returns the
-    training accuracy. The B-cos head is a B-cos linear layer followed by the model's logit layer."""
+def fit_head(model, images: torch.Tensor, labels: torch.Tensor, steps: int = 500, weight_decay: float = 1e-4) -> float:
+    """Fit only the classifier layer (nothing before it) by cross-entropy on its cached inputs; returns the
+    training accuracy. The B-cos head is a B-cos linear layer followed by the model's logit layer.
+
+    Both heads are linear in the input's scale and in the weight's (a B-cos unit's ``|cos|`` depends on neither),
+    so the fit runs on inputs scaled to unit mean norm and the weight is rescaled after: the B-cos features of a
+    converted model are orders of magnitude smaller than the original's, and Adam's fixed step would otherwise
+    leave their head far from its optimum.
+    """
     network = model.network if hasattr(model, "network") else model.model
     features = head_inputs(model, images)
+    scale = 1.0 / features.norm(dim=-1).mean().clamp_min(1e-12)
+    features = features * scale
     head = network.classifier
     logit_layer = getattr(model, "logit_layer", torch.nn.Identity())
     torch.manual_seed(0)
@@ -123,14 +131,15 @@ def fit_head(model, images: torch.Tensor, labels: torch.Tensor, steps: int = 300
         head.weight.normal_(0, head.weight.shape[1] ** -0.5)
         if getattr(head, "bias", None) is not None:
             head.bias.zero_()
-    optimiser = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=weight_decay)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=3e-2, weight_decay=weight_decay)
     for _ in range(steps):
         optimiser.zero_grad()
-        loss = F.cross_entropy(logit_layer(head(features)), labels)
-        loss.backward()
+        F.cross_entropy(logit_layer(head(features)), labels).backward()
         optimiser.step()
     with torch.no_grad():
-        return float((logit_layer(head(features)).argmax(1) == labels).float().mean())
+        fit_accuracy = float((logit_layer(head(features)).argmax(1) == labels).float().mean())
+        head.weight.mul_(scale)
+    return fit_accuracy
 
 
 def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 32) -> float:
@@ -170,7 +179,7 @@ def run(arms_dir: Path | None, output: Path, quick: bool, seed: int) -> dict:
         logger.info("%s: head accuracy %s", name, heads[name])
         models[name] = (model.eval(), processor, is_bcos)
 
-    settings = replace(QUICK if quick else FULL, images=24 if quick else len(held_out), smoothing=7, seed=seed)
+    settings = replace(QUICK if quick else FULL, images=24 if quick else 96, smoothing=7, seed=seed)
     torch.manual_seed(seed)
     methods, metrics = (QUICK_METHODS, QUICK_METRICS) if quick else (METHODS, METRICS)
     rows = evaluate_explanations(models, held_out, methods, metrics, settings)
