@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +27,16 @@ needs_stamps = pytest.mark.skipif(
     not tuxpaint_available(),
     reason=f"The Tux Paint stamps are not installed under {TUXPAINT_STAMPS_DIR}: {INSTALL_HINT}.",
 )
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(monkeypatch: pytest.MonkeyPatch, script: str, argv: list[str]):
+    """Run ``examples/<script>.py``'s ``main(argv)`` in this process (no interpreter start-up) and return its
+    result; the module is dropped afterwards, so the next test imports it afresh."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    try:
+        return importlib.import_module(script).main(argv)
+    finally:
+        sys.modules.pop(script, None)

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from .assets import needs_dinov2_weights, needs_mobilenet_v2_weights, needs_stamps
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from .assets import needs_dinov2_weights, needs_mobilenet_v2_weights, needs_stamps, run_example
 
 pytestmark = [needs_mobilenet_v2_weights, needs_dinov2_weights, needs_stamps]
 
 
 @pytest.mark.slow
 def test_quick_keep_knowledge_runs_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    import keep_knowledge
-
-    summary = keep_knowledge.main(["--quick", "--output", str(tmp_path)])
-    sys.modules.pop("keep_knowledge", None)
+    summary = run_example(monkeypatch, "keep_knowledge", ["--quick", "--output", str(tmp_path)])
     results = summary["results"]
     assert set(results) == {"mobilenet_v2", "dinov2"}
     for name, result in results.items():

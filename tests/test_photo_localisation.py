@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from .assets import needs_dinov2_weights, needs_stamps
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from .assets import needs_dinov2_weights, needs_stamps, run_example
 
 pytestmark = [needs_dinov2_weights, needs_stamps]
 
 
 @pytest.mark.slow
 def test_quick_photo_localisation_fits_heads_and_scores_explanations(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    import photo_localisation
-
-    summary = photo_localisation.main(["--quick", "--output", str(tmp_path)])
-    sys.modules.pop("photo_localisation", None)
+    summary = run_example(monkeypatch, "photo_localisation", ["--quick", "--output", str(tmp_path)])
 
     heads = summary["heads"]
     assert heads.keys() == {"original", "bcosified", "random"}

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from .assets import needs_fashion_mnist, needs_mobilenet_v2_weights
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from .assets import needs_fashion_mnist, needs_mobilenet_v2_weights, run_example
 
 pytestmark = [needs_mobilenet_v2_weights, needs_fashion_mnist]
 
@@ -28,11 +24,7 @@ def all_cores():
 
 
 def test_quick_reproduction_runs_end_to_end(tmp_path, monkeypatch, all_cores):
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    import reproduce_bcosification
-
-    summary = reproduce_bcosification.main(["--quick", "--output", str(tmp_path)])
-    sys.modules.pop("reproduce_bcosification", None)
+    summary = run_example(monkeypatch, "reproduce_bcosification", ["--quick", "--output", str(tmp_path)])
 
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["arms"].keys() == {"standard", "bcosified", "scratch", "standard-scratch"}
