@@ -187,6 +187,73 @@ def fashion_mnist_probe(original, seed: int, train_size: int = 3000, test_size: 
     return result
 
 
+def refit_classifier(model, original, pixels: torch.Tensor, steps: int = 300, batch_size: int = 64) -> list[float]:
+    """Fit the B-cos model's classifier layer alone to the original's logits (KL), on cached inputs; the
+    features stay as aligned. What a head retrained on the aligned features can reach.
+
+    The B-cos layer is linear in its input's scale and in its weight's, so the fit starts from the current weight
+    on inputs of unit mean norm (Adam's step then suits any feature scale) and rescales the weight after.
+    Returns the KL divergence to the original before and after.
+    """
+    head = model.network.classifier
+    inputs, targets = [], []
+    hook = head.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(pixels), batch_size):
+                chunk = pixels[start : start + batch_size]
+                model(pixel_values=chunk)
+                targets.append(original(pixel_values=normalise(chunk)).logits.log_softmax(1))
+    finally:
+        hook.remove()
+    features, targets = torch.cat(inputs), torch.cat(targets)
+    scale = float(1.0 / features.norm(dim=1).mean().clamp_min(1e-12))
+    with torch.no_grad():
+        head.weight.div_(scale)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(steps + 1):
+        optimiser.zero_grad()
+        student = model.logit_layer(head(features * scale)).log_softmax(1)
+        loss = F.kl_div(student, targets, log_target=True, reduction="batchmean")
+        losses.append(float(loss))
+        if len(losses) <= steps:
+            loss.backward()
+            optimiser.step()
+    with torch.no_grad():
+        head.weight.mul_(scale)
+    return [losses[0], losses[-1]]
+
+
+def refit_saved_classifiers(args) -> dict:
+    """``--refit-classifier``: the MobileNetV2 arms a run saved under ``--output``/work, scored before and after
+    ``refit_classifier`` on ``--refit-images`` unlabelled images (the training images' kind, not the probe photos)."""
+    from transformers import AutoModelForImageClassification
+
+    original = load_original("mobilenet_v2")
+    size = args.resolution or RESOLUTION["mobilenet_v2"]
+    yardstick = Yardstick(original, size, args.probe_photos)
+    variants = max(1, math.ceil(args.refit_images / 400))
+    images = UnlabelledImages(size=size, seed=args.seed + 1, variants=variants, background="photo")
+    pixels = to_pixels([images.image(index) for index in range(args.refit_images)])
+    result = {}
+    for arm in args.arms:
+        folder = args.output / "work" / f"mobilenet_v2-{arm}"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"No saved {arm} arm at {folder}: run keep_knowledge.py --model mobilenet_v2 first."
+            )
+        model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32)
+        before = yardstick.score(model)
+        started = time.perf_counter()
+        kl_before, kl_after = refit_classifier(model, original, pixels)
+        result[arm] = {"aligned": before, "classifier_refit": yardstick.score(model), "kl": [kl_before, kl_after]}
+        result[arm]["refit_seconds"] = round(time.perf_counter() - started, 1)
+        logger.info("%s: %s", arm, result[arm])
+    return result
+
+
 def block_errors(original, images: torch.Tensor) -> dict[str, list[float]]:
     """How much the conversion changes each block on its own (MobileNetV2 blocks, 4-D outputs): every block of
     the converted model is fed the original's input to that block (teacher-forced) and its output compared with
@@ -457,6 +524,13 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="MobileNetV2 only: the Fashion-MNIST frozen-feature probe (dead features or not), then exit",
     )
+    parser.add_argument(
+        "--refit-classifier",
+        action="store_true",
+        help="MobileNetV2 only: refit the classifier of the arms saved under --output/work to the original's logits "
+        "on --refit-images unlabelled images (features frozen), score before and after, then exit",
+    )
+    parser.add_argument("--refit-images", type=int, default=2048, help="unlabelled images for --refit-classifier")
     parser.add_argument("--quick", action="store_true", help="a few steps at small batches: a smoke run for tests")
     args = parser.parse_args(argv)
     if args.quick:
@@ -471,6 +545,19 @@ def main(argv: list[str] | None = None) -> dict:
         result = block_errors(load_original("mobilenet_v2"), pixels)
         (args.output / "block_errors.json").write_text(json.dumps(result, indent=2) + "\n")
         print("\n".join(f"{name}: {' '.join(f'{e:.2f}' for e in errors)}" for name, errors in result.items()))
+        return result
+    if args.refit_classifier:
+        result = refit_saved_classifiers(args)
+        (args.output / "classifier_refit.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(
+            "| arm | probe | top-1 agreement aligned | after the classifier refit | top-5 after |\n|---|---:|---:|---:|---:|"
+        )
+        for arm, v in result.items():
+            aligned, refit = v["aligned"], v["classifier_refit"]
+            print(
+                f"| {arm} | {aligned['probe']:.3f} | {aligned['top1_agreement']:.3f} | {refit['top1_agreement']:.3f} | "
+                f"{refit['top5_agreement']:.3f} |"
+            )
         return result
     if args.fashion_mnist_probe:
         result = fashion_mnist_probe(load_original("mobilenet_v2"), args.seed)

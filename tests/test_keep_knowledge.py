@@ -33,3 +33,12 @@ def test_quick_keep_knowledge_runs_end_to_end(tmp_path, monkeypatch):
     assert saved["results"]["dinov2"]["arms"]["random"]["steps"] == 4
     assert "| mobilenet_v2 | bcosified |" in (tmp_path / "results.md").read_text()
     assert Image.open(tmp_path / "probe.png").size[0] > 1000
+
+    # The saved MobileNetV2 arms: a classifier refitted to the original's logits (features frozen) gets closer to them.
+    argv = ["--quick", "--refit-classifier", "--refit-images", "32", "--output", str(tmp_path)]
+    refit = run_example(monkeypatch, "keep_knowledge", argv)
+    for arm in ("bcosified", "random"):
+        kl_before, kl_after = refit[arm]["kl"]
+        assert kl_after < kl_before
+        assert refit[arm]["classifier_refit"]["probe"] == refit[arm]["aligned"]["probe"]  # the features did not move
+    assert json.loads((tmp_path / "classifier_refit.json").read_text()).keys() == {"bcosified", "random"}
