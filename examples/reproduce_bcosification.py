@@ -149,6 +149,11 @@ def train_arm(name: str, model, budget: Budget, epochs: int, work: Path, train, 
     return {"epochs": epochs, "accuracy": accuracies, "train_seconds": round(seconds, 1)}
 
 
+def arm_label(name: str) -> str:
+    """``"(b) bcosified"``: the arm's letter in ``ARMS`` order and its name, for plots and pictures."""
+    return f"({'abcdefgh'[ARMS.index(name)]}) {name}"
+
+
 def epochs_to_reach(accuracies: list[float], target: float) -> int | None:
     """First epoch whose accuracy reaches ``target`` (None if never)."""
     return next((epoch for epoch, accuracy in enumerate(accuracies) if epoch > 0 and accuracy >= target), None)
@@ -184,7 +189,7 @@ def plot_accuracy(results: dict, path: Path, width: int = 720, height: int = 440
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=ARM_COLOURS[name])
         draw.line([right + 15, top + 20 + 22 * row, right + 40, top + 20 + 22 * row], fill=ARM_COLOURS[name], width=3)
-        draw.text((right + 46, top + 14 + 22 * row), f"({'abc'[ARMS.index(name)]}) {name}", fill="black")
+        draw.text((right + 46, top + 14 + 22 * row), arm_label(name), fill="black")
     image.save(path)
 
 
@@ -286,7 +291,7 @@ def run(budget: Budget, output: Path, arms: tuple[str, ...] = ARMS) -> dict:
     names = [FASHION_MNIST_LABELS[test[i]["label"]] for i in picked]
     columns = {}
     for name, (model, *_) in setups.items():
-        label = f"({'abcd'[ARMS.index(name)]}) {name}"
+        label = arm_label(name)
         if name in STANDARD_ARMS:
             columns[f"{label}: input x gradient"] = input_x_gradient_heatmaps(
                 model, images, processor.image_mean, processor.image_std
