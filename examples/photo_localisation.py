@@ -61,6 +61,15 @@ def split_photos(photos, seed: int):
     return halves["train"], halves["test"]
 
 
+def photo_processor(normalise: bool):
+    """DINOv2's processor at this script's resolution; without normalisation for the B-cos models."""
+    processor = dinov2_image_processor()
+    processor.size = {"shortest_edge": RESOLUTION}
+    processor.crop_size = {"height": RESOLUTION, "width": RESOLUTION}
+    processor.do_normalize = normalise
+    return processor
+
+
 def original_classifier(folder: Path, labels: list[str]) -> Path:
     """The original DINOv2-S with a 12-way head (to be fitted), saved with a 112 px processor."""
     config = dinov2_small_config()
@@ -69,11 +78,8 @@ def original_classifier(folder: Path, labels: list[str]) -> Path:
     config.label2id = {label: index for index, label in enumerate(labels)}
     model = Dinov2ForImageClassification(config)
     model.dinov2.load_state_dict(load_dinov2_small().state_dict())
-    processor = dinov2_image_processor()
-    processor.size = {"shortest_edge": RESOLUTION}
-    processor.crop_size = {"height": RESOLUTION, "width": RESOLUTION}
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    photo_processor(normalise=True).save_pretrained(folder)
     return folder
 
 
@@ -89,11 +95,7 @@ def bcos_classifier(source: Path, folder: Path, aligned: Path | None, seed: int,
         backbone = AutoModel.from_pretrained(aligned, dtype=torch.float32)
         conversion.model.network.dinov2.load_state_dict(backbone.network.state_dict(), strict=True)
     conversion.model.save_pretrained(folder)
-    processor = dinov2_image_processor()
-    processor.size = {"shortest_edge": RESOLUTION}
-    processor.crop_size = {"height": RESOLUTION, "width": RESOLUTION}
-    processor.do_normalize = False  # the B-cos model folds the normalisation into its first layer
-    processor.save_pretrained(folder)
+    photo_processor(normalise=False).save_pretrained(folder)  # the B-cos model folds the normalisation in
     return folder
 
 
